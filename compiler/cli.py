@@ -1,0 +1,82 @@
+"""Command line: ``python -m compiler VERB ...``.
+
+Each verb lives in its own module with ``configure(parser)`` and ``run(args) -> dict``; this file only parses
+arguments, dispatches, and turns :class:`~compiler.errors.UserError` into ``error: ...`` on stderr with exit 2.
+With ``--json`` the last line on stdout is one JSON object with the verb's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from compiler.errors import UserError
+
+# verb -> (module, one-line help)
+VERBS = {
+    "eval": ("compiler.evaluate", "top-1 of a checkpoint (PyTorch) or a compiled artifact on the CIFAR-10 test set"),
+    "train": ("compiler.train", "train a CIFAR-10 model from scratch (resumable)"),
+}
+
+
+def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = False) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="resnet20 ... resnet110 (any depth 6n+2) or googlenet; "
+                                   "inferred from the checkpoint when omitted")
+    g.add_argument("--checkpoint", required=checkpoint_required, metavar="PATH",
+                   help="PyTorch checkpoint (state dict, {'state_dict': ...}, or this project's format)")
+    g.add_argument("--normalize", choices=("cifar", "imagenet"), default=None,
+                   help="input mean/std the checkpoint was trained with (default: what the checkpoint records, "
+                        "else cifar)")
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="CIFAR-10 folder: cifar10_{train,test}.npz or torchvision's cifar-10-batches-py/ "
+                        "(default: env CIFAR10_DIR)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 into --data (online)")
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results as the last line")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one ``error:`` line with exit code 2 (its own convention too)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m compiler", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb, (module, help_) in VERBS.items():
+        p = sub.add_parser(verb, help=help_, description=help_)
+        importlib.import_module(module).configure(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 0
+    try:
+        result = importlib.import_module(args._module).run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work was kept", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        sys.stdout.flush()
+        print(json.dumps(result if result is not None else {}, default=str))
+    return 0
+
+

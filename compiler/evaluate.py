@@ -1,0 +1,59 @@
+"""``eval``: top-1 accuracy on the CIFAR-10 test set, of a PyTorch checkpoint or of a compiled artifact."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from compiler import cli, console, data
+from compiler.errors import UserError
+
+
+def configure(p) -> None:
+    cli.add_model_args(p)
+    cli.add_data_args(p)
+    p.add_argument("--artifact", metavar="DIR", help="evaluate a compiled artifact folder instead of a checkpoint")
+    p.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K test images")
+    p.add_argument("--batch-size", type=int, default=500)
+    cli.add_json_arg(p)
+
+
+@torch.inference_mode()
+def top1(model: torch.nn.Module, split: data.Split, normalize: str, batch_size: int = 500,
+         desc: str = "eval") -> float:
+    """Top-1 accuracy in percent of a PyTorch model on a split."""
+    model.eval()
+    correct = 0
+    for i in console.progress(range(0, len(split), batch_size), desc=desc, unit="batch"):
+        x = data.normalize(split.images[i:i + batch_size], normalize)
+        correct += (model(x).argmax(1) == split.labels[i:i + batch_size]).sum().item()
+    return 100.0 * correct / max(len(split), 1)
+
+
+def run(args) -> dict:
+    if args.limit is not None and args.limit <= 0:
+        raise UserError("--limit must be a positive number of images")
+    if args.batch_size <= 0:
+        raise UserError("--batch-size must be positive")
+    if args.artifact:
+        from compiler import artifact
+
+        return artifact.evaluate(args)
+    from compiler import zoo
+
+    ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
+    split = data.load_split(args.data, "test", download=args.download).head(args.limit)
+    t0 = time.perf_counter()
+    acc = top1(ckpt.model, split, ckpt.normalize, args.batch_size)
+    seconds = time.perf_counter() - t0
+    result = {
+        "model": ckpt.model_name,
+        "checkpoint": ckpt.path,
+        "normalize": ckpt.normalize,
+        "top1": round(acc, 2),
+        "n": len(split),
+        "seconds": round(seconds, 2),
+    }
+    print(console.table([result], ["model", "top1", "n", "normalize", "seconds", "checkpoint"]))
+    return result

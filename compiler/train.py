@@ -1,0 +1,200 @@
+"""``train``: SGD with momentum, one-cycle (warm-up then cosine) learning rate, random-crop(4) + flip.
+
+The loop (:func:`fit`) is shared with pruning's fine-tuning: it takes a hook run after every optimizer step
+(pruning re-applies its masks there) and an optional teacher for distillation. A checkpoint is written after
+every epoch with the optimizer and schedule state, so a stopped run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from compiler import checkpoint, cli, console, data, models
+from compiler.errors import UserError
+from compiler.evaluate import top1
+
+
+@dataclass
+class FitConfig:
+    epochs: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    warmup_fraction: float = 0.15
+    normalize: str = data.DEFAULT_NORMALIZATION
+    channels_last: bool = True
+    bf16: bool = False
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.9
+    seed: int = 0
+
+
+def one_cycle_lr(step: int, total: int, peak: float, warmup_fraction: float) -> float:
+    """Linear warm-up from peak/10 to peak, then cosine down to 0."""
+    warm = max(1, int(total * warmup_fraction))
+    if step < warm:
+        return peak * (0.1 + 0.9 * step / warm)
+    t = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def fit(
+    model: torch.nn.Module,
+    train: data.Split,
+    test: data.Split | None,
+    cfg: FitConfig,
+    state: dict | None = None,
+    after_step: Callable[[], None] | None = None,
+    teacher: torch.nn.Module | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    desc: str = "train",
+) -> dict:
+    """Train ``model`` in place for ``cfg.epochs`` epochs, resuming from ``state`` (as returned in epoch records).
+
+    ``on_epoch`` receives ``{"epoch", "train_state", "top1", "loss", "seconds"}`` after each epoch (for saving).
+    Returns the last epoch's record.
+    """
+    torch.manual_seed(cfg.seed)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    if teacher is not None:
+        teacher.eval().to(memory_format=memory_format)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+    )
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    start_epoch = 0
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+    record: dict = {"epoch": start_epoch}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(start_epoch, cfg.epochs):
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train), generator=gen)
+        bar = console.progress(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="step")
+        loss_sum, seen = 0.0, 0
+        for i in bar:
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = one_cycle_lr(step, total, cfg.lr, cfg.warmup_fraction)
+            x = data.normalize(data.random_crop_flip(train.images[idx], generator=gen), cfg.normalize)
+            x = x.contiguous(memory_format=memory_format)
+            y = train.labels[idx]
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+            with autocast:
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = teacher(x).float()
+                    t = cfg.distill_temperature
+                    kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.softmax(soft / t, 1),
+                                  reduction="batchmean") * t * t
+                    loss = cfg.distill_alpha * kd + (1 - cfg.distill_alpha) * loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            loss_sum += loss.item() * len(idx)
+            seen += len(idx)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        seconds = time.perf_counter() - t0
+        model.eval()
+        acc = top1(model, test, cfg.normalize) if test is not None else None
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(loss_sum / max(seen, 1), 4),
+            "top1": None if acc is None else round(acc, 2),
+            "seconds": round(seconds, 1),
+            "train_state": {"epoch": epoch + 1, "epochs": cfg.epochs, "optimizer": opt.state_dict()},
+        }
+        console.progress().write(
+            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}"
+            + (f", top-1 {acc:.2f}%" if acc is not None else "") + f", {seconds:.0f} s"
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+    model.to(memory_format=torch.contiguous_format)
+    return record
+
+
+def configure(p) -> None:
+    p.add_argument("--model", required=True, help="resnet20 ... resnet110 (any 6n+2) or googlenet")
+    cli.add_data_args(p)
+    p.add_argument("--normalize", choices=tuple(data.NORMALIZATIONS), default=data.DEFAULT_NORMALIZATION)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint written after every epoch; "
+                   "if it is this project's unfinished checkpoint of the same model, training resumes from it")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AVX-512 BF16 / AMX)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--limit-train", type=int, default=None, metavar="K", help="only the first K training images")
+    p.add_argument("--limit-test", type=int, default=None, metavar="K", help="only the first K test images")
+    p.add_argument("--seed", type=int, default=0)
+    cli.add_json_arg(p)
+
+
+def run(args) -> dict:
+    name = models.check_name(args.model)
+    if args.epochs <= 0:
+        raise UserError("--epochs must be positive")
+    out = Path(args.out)
+    state, prev = None, None
+    model = models.build_model(name)
+    if out.exists():
+        prev = checkpoint.load_checkpoint(out, None)
+        if prev.train_state is None:
+            raise UserError(f"{out} exists and is not a resumable training checkpoint of this project; "
+                            "choose another --out (nothing was overwritten)")
+        if prev.model_name != name:
+            raise UserError(f"{out} is a {prev.model_name} training checkpoint, not {name}")
+        state, model = prev.train_state, prev.model
+        print(f"resuming {out} at epoch {state['epoch']}/{args.epochs}")
+    train = data.load_split(args.data, "train", download=args.download).head(args.limit_train)
+    test = data.load_split(args.data, "test").head(args.limit_test)
+    cfg = FitConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                    normalize=args.normalize, channels_last=args.channels_last, bf16=args.bf16, seed=args.seed)
+    history: list[dict] = list(prev.metrics.get("history") or []) if prev else []
+    t_start = time.perf_counter()
+
+    def save(record: dict) -> None:
+        history.append({k: v for k, v in record.items() if k != "train_state"})
+        metrics = {"top1": record["top1"], "epochs": record["epoch"], "history": history}
+        checkpoint.save_checkpoint(out, name, model, args.normalize, metrics=metrics,
+                                   train_state=record["train_state"])
+
+    if state and state["epoch"] >= args.epochs:
+        record = {"epoch": state["epoch"], "top1": history[-1]["top1"] if history else None}
+    else:
+        record = fit(model, train, test, cfg, state=state, on_epoch=save)
+    result = {
+        "model": name,
+        "out": str(out),
+        "epochs": record["epoch"],
+        "top1": record.get("top1"),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds_per_epoch": [h["seconds"] for h in history],
+    }
+    print(console.table([result], ["model", "epochs", "top1", "seconds", "out"]))
+    return result

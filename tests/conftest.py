@@ -1,0 +1,39 @@
+"""Shared fixtures. Real CIFAR-10 and the pretrained ResNet56 come from ../shared when it is there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_DATA = SHARED / "data"
+SHARED_RESNET56 = SHARED / "weights" / "akamaster_resnet56-4bfd9763.th"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "cifar10_test.npz").is_file():
+        pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA} (../shared is absent on this clone)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_resnet56() -> Path:
+    if not SHARED_RESNET56.is_file():
+        pytest.skip(f"pretrained ResNet56 not found at {SHARED_RESNET56} (../shared is absent on this clone)")
+    return SHARED_RESNET56
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path) -> Path:
+    """A folder in the npz layout with a few random images per split (for tests that need no real data)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, size=(n,), dtype=np.int64)
+        np.savez(tmp_path / f"cifar10_{split}.npz", x=x, y=y)
+    return tmp_path
