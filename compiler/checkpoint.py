@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +48,15 @@ def _read(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(
-            f"refused to load {path}: it holds objects that only an unsafe pickle load could build, "
-            f"and checkpoints are loaded with weights_only=True ({first})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, KeyError) as e:
+        text = str(e)
+        detail = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "")
+        if "Unsupported global" in text:
+            raise UserError(
+                f"refused to load {path}: it holds objects that only an unsafe pickle load could build, "
+                f"and checkpoints are loaded with weights_only=True ({detail})"
+            ) from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({detail or 'unpickling failed'})") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways (struct.error, EOFError, zip errors...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
 

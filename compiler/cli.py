@@ -18,6 +18,7 @@ from compiler.errors import UserError
 VERBS = {
     "eval": ("compiler.evaluate", "top-1 of a checkpoint (PyTorch) or a compiled artifact on the CIFAR-10 test set"),
     "train": ("compiler.train", "train a CIFAR-10 model from scratch (resumable)"),
+    "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
 }
 
 

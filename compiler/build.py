@@ -1,0 +1,194 @@
+"""``build``: checkpoint -> Relax IR -> our passes -> target build -> verified artifact folder.
+
+    import (BN folded) -> strip zeroed channels -> precision -> target pipeline (+ tuning database) -> module
+    -> verify against PyTorch (on this CPU; board targets are verified through a host build of the same IR)
+    -> artifact folder written atomically: model.so, manifest.json, deploy/ (boards)
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compiler import cli, console, data, fileio, frontend, precision, zoo
+from compiler.errors import UserError
+
+ARTIFACT_FORMAT = "cifar-hybrid-compiler/artifact"
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+VERIFY_SAMPLES = 16
+
+
+def configure(p) -> None:
+    p.add_argument("--target", default="jetson-tx2", help="named target (see `python -m compiler targets`)")
+    cli.add_model_args(p)
+    p.add_argument("--precision", default="auto", choices=precision.CHOICES,
+                   help="auto: the target's default (int8 where it has fast int8, fp16 on the TX2)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size the module is compiled for")
+    p.add_argument("--out", metavar="DIR", help="artifact folder (default: artifacts/<model>-<target>)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="CIFAR-10 folder for verification images (default: env CIFAR10_DIR; random inputs if none)")
+    cli.add_json_arg(p)
+
+
+def _verification_inputs(data_dir: str | None, normalize: str, n: int) -> tuple[torch.Tensor, str]:
+    try:
+        split = data.load_split(data_dir, "test").head(n)
+        return data.normalize(split.images, normalize), f"{len(split)} CIFAR-10 test images"
+    except UserError:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(n, 3, 32, 32, generator=g), f"{n} random normal inputs (no CIFAR-10 found)"
+
+
+def run_module(executable, x: np.ndarray, batch: int) -> np.ndarray:
+    """Run a compiled module (built for this CPU) over ``x`` in chunks of its static batch size."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(chunk))).numpy()[:n])
+    return np.concatenate(outs)
+
+
+def lower(model: torch.nn.Module, batch: int, prec: str):
+    """The target-independent half: import, strip zeroed channels, precision. Returns (dense, final, report)."""
+    from passes.strip_zero_channels import strip_zero_channels
+
+    dense = frontend.import_model(model, batch)
+    stripped, report = strip_zero_channels(dense)
+    return dense, precision.apply(stripped, prec), report
+
+
+def build(args) -> dict:
+    import targets
+    import tvm
+
+    from passes.analysis import count_flops
+
+    t_start = time.perf_counter()
+    spec = targets.get(args.target)
+    if args.batch <= 0:
+        raise UserError("--batch must be positive")
+    weights_note = None
+    try:
+        ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
+    except UserError:
+        if args.checkpoint is not None:
+            raise
+        # no trained default is shipped yet: build the pipeline on an untrained model and say so loudly
+        from compiler.checkpoint import Checkpoint
+        from compiler.models import build_model
+
+        name = args.model or zoo.DEFAULT_MODEL
+        torch.manual_seed(0)
+        ckpt = Checkpoint(name, build_model(name).eval(), args.normalize or data.DEFAULT_NORMALIZATION)
+        weights_note = (f"no trained {name} is shipped with the package yet: built with UNTRAINED weights "
+                        "(accuracy is chance); pass --checkpoint PATH for a real model")
+        console.progress().write(f"warning: {weights_note}")
+    prec, prec_reason = precision.choose(args.precision, spec)
+    out = Path(args.out or f"artifacts/{ckpt.model_name}-{spec.name}")
+
+    steps = console.progress(total=4, desc="build", unit="step", leave=False)
+    steps.set_postfix_str("import + strip")
+    dense, mod, strip_report = lower(ckpt.model, args.batch, prec)
+    flops_dense, flops_compiled = count_flops(dense), count_flops(mod)
+    steps.update()
+
+    steps.set_postfix_str(f"compile for {spec.name}")
+    database = None
+    executable = targets.compile_module(mod, spec, database=database)
+    steps.update()
+
+    steps.set_postfix_str("verify against PyTorch")
+    x, x_desc = _verification_inputs(args.data, ckpt.normalize, VERIFY_SAMPLES)
+    with torch.inference_mode():
+        ref = ckpt.model(x).numpy()
+    host = spec if spec.runs_here else targets.get("host")
+    runnable = executable if spec.runs_here else targets.compile_module(mod, host)
+    got = run_module(runnable, x.numpy(), args.batch)
+    max_abs_diff = float(np.abs(got - ref).max())
+    tolerance = precision.TOLERANCE[prec] * max(1.0, float(np.abs(ref).max()))
+    argmax_agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    if not np.isfinite(max_abs_diff) or max_abs_diff > tolerance:
+        raise UserError(f"compiled module differs from PyTorch by {max_abs_diff:.3g} (> tolerance {tolerance:.3g} "
+                        f"for {prec}); artifact not written")
+    steps.update()
+
+    steps.set_postfix_str("write artifact")
+    with fileio.atomic_dir(out) as tmp:
+        exported = targets.export_library(executable, tmp / LIBRARY, spec)
+        mean, std = data.NORMALIZATIONS[ckpt.normalize]
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "version": 1,
+            "model": ckpt.model_name,
+            "target": {"name": spec.name, "tvm": spec.target_json(), "kind": spec.kind,
+                       "cross_compiled": not spec.runs_here},
+            "precision": prec,
+            "precision_reason": prec_reason,
+            "input": {"name": "x", "shape": [args.batch, 3, 32, 32], "dtype": "float32", "layout": "NCHW",
+                      "preprocess": "uint8 RGB / 255, then (x - mean) / std per channel",
+                      "normalize": ckpt.normalize, "mean": list(mean), "std": list(std)},
+            "output": {"shape": [args.batch, 10], "dtype": "float32", "meaning": "logits"},
+            "classes": list(data.CLASSES),
+            "flops": {"unit": "multiply-accumulates per batch, counted on the Relax IR",
+                      "dense": flops_dense["macs"], "compiled": flops_compiled["macs"]},
+            "params": {"dense": flops_dense["params"], "compiled": flops_compiled["params"]},
+            "strip": strip_report,
+            "tuning": {"database": None, "sha256": None, "tasks_applied": 0,
+                       "note": "untuned: default schedules (see `python -m compiler tune`)"},
+            "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "pruning": ckpt.pruning is not None,
+                           "note": weights_note},
+            "verification": {"max_abs_diff": max_abs_diff, "tolerance": tolerance, "argmax_agreement": argmax_agree,
+                             "inputs": x_desc, "run_on": f"{host.name} ({platform.machine()})"},
+            "artifact": {"file": LIBRARY, "sha256": fileio.sha256_file(tmp / LIBRARY), **(exported or {})},
+            "tvm_version": tvm.__version__,
+            "torch_version": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t_start, 1),
+        }
+        fileio.write_json(tmp / MANIFEST, manifest)
+    steps.update()
+    steps.close()
+    return {"artifact": str(out), "manifest": manifest}
+
+
+def run(args) -> dict:
+    result = build(args)
+    m = result["manifest"]
+    dense, comp = m["flops"]["dense"], m["flops"]["compiled"]
+    rows = [
+        {"": "model", "value": m["model"] + ("" if not m["checkpoint"]["note"] else " (untrained)")},
+        {"": "target", "value": f"{m['target']['name']} ({m['target']['kind']})"},
+        {"": "precision", "value": f"{m['precision']} - {m['precision_reason']}"},
+        {"": "MACs dense -> compiled", "value": f"{dense:,} -> {comp:,} ({100 * (1 - comp / dense):.1f}% cut)"},
+        {"": "params dense -> compiled", "value": f"{m['params']['dense']:,} -> {m['params']['compiled']:,}"},
+        {"": "max |diff| vs PyTorch", "value": f"{m['verification']['max_abs_diff']:.3g} "
+                                             f"(tol {m['verification']['tolerance']:.3g}, {m['verification']['run_on']})"},
+        {"": "artifact", "value": str(Path(result["artifact"]) / LIBRARY)},
+    ]
+    print(console.table(rows, ["", "value"], title="build summary"))
+    return {
+        "artifact": result["artifact"],
+        "target": m["target"]["name"],
+        "model": m["model"],
+        "precision": m["precision"],
+        "flops_dense": dense,
+        "flops_compiled": comp,
+        "params_dense": m["params"]["dense"],
+        "params_compiled": m["params"]["compiled"],
+        "max_abs_diff": m["verification"]["max_abs_diff"],
+        "untrained": bool(m["checkpoint"]["note"]),
+    }

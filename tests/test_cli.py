@@ -1,0 +1,87 @@
+"""The CLI contract: --help per verb, --json last line, bad input = one `error:` line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compiler.checkpoint import save_checkpoint
+from compiler.cli import VERBS
+from compiler.models import build_model
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def assert_user_error(r, pattern):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_help_for_every_verb(verb):
+    r = cli(verb, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_unknown_verb_and_flag():
+    assert_user_error(cli("frobnicate"), "invalid choice")
+    assert_user_error(cli("eval", "--no-such-flag"), "unrecognized arguments")
+
+
+def test_eval_json_on_tiny_data(tmp_path, tiny_cifar):
+    save_checkpoint(tmp_path / "m.pt", "resnet8", build_model("resnet8"), "cifar")
+    r = cli("eval", "--checkpoint", tmp_path / "m.pt", "--data", tiny_cifar, "--limit", 20, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["model"] == "resnet8" and out["n"] == 20 and 0 <= out["top1"] <= 100
+    assert set(out) >= {"top1", "n", "model", "seconds"}
+
+
+def test_eval_bad_inputs(tmp_path, tiny_cifar):
+    save_checkpoint(tmp_path / "m.pt", "resnet8", build_model("resnet8"), "cifar")
+    assert_user_error(cli("eval", "--checkpoint", tmp_path / "none.pt", "--data", tiny_cifar), "does not exist")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert_user_error(cli("eval", "--checkpoint", tmp_path / "junk.pt", "--data", tiny_cifar), "not a readable")
+    assert_user_error(cli("eval", "--model", "resnet20", "--checkpoint", tmp_path / "m.pt", "--data", tiny_cifar),
+                      "is a resnet8 checkpoint, not resnet20")
+    assert_user_error(cli("eval", "--model", "resnet21", "--checkpoint", tmp_path / "m.pt"), "unknown model")
+    assert_user_error(cli("eval", "--checkpoint", tmp_path / "m.pt", "--data", tmp_path / "nodata"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(cli("eval", "--checkpoint", tmp_path / "m.pt", "--data", tmp_path / "empty"), "no CIFAR-10 in")
+
+
+def test_train_writes_resumable_checkpoint_and_never_overwrites_foreign_files(tmp_path, tiny_cifar):
+    out = tmp_path / "t.pt"
+    r = cli("train", "--model", "resnet8", "--data", tiny_cifar, "--epochs", 1, "--batch-size", 32,
+            "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == 1
+    ck = torch.load(out, weights_only=True)
+    assert ck["train_state"]["epoch"] == 1 and ck["model"] == "resnet8"
+    # resume: a second epoch continues the same run
+    r = cli("train", "--model", "resnet8", "--data", tiny_cifar, "--epochs", 2, "--batch-size", 32, "--out", out)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    assert torch.load(out, weights_only=True)["train_state"]["epoch"] == 2
+    # a file that is not a training checkpoint of ours is left alone
+    foreign = tmp_path / "user.pt"
+    torch.save(build_model("resnet8").state_dict(), foreign)
+    before = foreign.read_bytes()
+    r = cli("train", "--model", "resnet8", "--data", tiny_cifar, "--epochs", 1, "--out", foreign)
+    assert_user_error(r, "not a resumable training checkpoint")
+    assert foreign.read_bytes() == before
+
+
+def test_eval_shared_resnet56_limit(shared_data, shared_resnet56):
+    r = cli("eval", "--model", "resnet56", "--checkpoint", shared_resnet56, "--data", shared_data,
+            "--normalize", "imagenet", "--limit", 1000, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n"] == 1000 and out["top1"] > 90
