@@ -1,0 +1,88 @@
+"""The build pipeline end to end on this CPU: artifact folder, manifest, verification, eval --artifact."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compiler.checkpoint import save_checkpoint
+from compiler.models import build_model
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+def zero_inner_channels(model, fraction=0.5, seed=0):
+    """Prune like the pruning half does: zero conv1 filters of every block and bn1's weight and bias."""
+    g = torch.Generator().manual_seed(seed)
+    zeroed = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "conv1") and hasattr(m, "bn2"):
+                c = m.conv1.out_channels
+                idx = torch.randperm(c, generator=g)[: int(c * fraction)]
+                m.conv1.weight[idx] = 0
+                m.bn1.weight[idx] = 0
+                m.bn1.bias[idx] = 0
+                zeroed += len(idx)
+    return zeroed
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet20(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "r20.pt"
+    m = build_model("resnet20")
+    randomize_bn(m)
+    zero_inner_channels(m)
+    save_checkpoint(path, "resnet20", m, "cifar")
+    return path
+
+
+def test_host_build_strips_and_matches_pytorch(tmp_path, pruned_resnet20, tiny_cifar):
+    out = tmp_path / "art"
+    r = cli("build", "--target", "host", "--checkpoint", pruned_resnet20, "--precision", "fp32", "--batch", 4,
+            "--data", tiny_cifar, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (out / "model.so").is_file() and (out / "manifest.json").is_file()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["name"] == "host" and m["precision"] == "fp32" and m["model"] == "resnet20"
+    # half of every block's inner channels were zeroed: the IR-counted MACs must show it
+    assert res["flops_compiled"] < 0.75 * res["flops_dense"]
+    assert m["flops"]["dense"] == res["flops_dense"] and m["params"]["compiled"] < m["params"]["dense"]
+    assert res["max_abs_diff"] <= m["verification"]["tolerance"]
+    assert len(m["checkpoint"]["sha256"]) == 64 and len(m["artifact"]["sha256"]) == 64
+    # the compiled artifact evaluates like the PyTorch model on the same images
+    ra = cli("eval", "--artifact", out, "--data", tiny_cifar, "--json")
+    rp = cli("eval", "--checkpoint", pruned_resnet20, "--data", tiny_cifar, "--json")
+    assert ra.returncode == 0 and rp.returncode == 0, ra.stderr + rp.stderr
+    a, p = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (ra, rp))
+    assert a["n"] == p["n"] == 32 and a["top1"] == p["top1"]
+
+
+def test_bad_inputs_leave_existing_artifact_alone(tmp_path, pruned_resnet20):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    r = cli("build", "--target", "no-such-board", "--checkpoint", pruned_resnet20, "--out", out)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "jetson-tx2" in r.stderr
+    r = cli("build", "--target", "host", "--checkpoint", tmp_path / "missing.pt", "--out", out)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert (out / "mine.txt").read_text() == "precious"
+    r = cli("eval", "--artifact", out)
+    assert r.returncode == 2 and "not an artifact folder" in r.stderr
