@@ -40,7 +40,8 @@ def load_local(folder: str | Path):
     lib = folder / LIBRARY
     if not lib.is_file() or sha256_file(lib) != manifest["artifact"]["sha256"]:
         raise UserError(f"{lib} is missing or does not match the sha256 in its manifest")
-    return tvm.runtime.load_module(str(lib)), manifest
+    with console.filter_native_stderr():
+        return tvm.runtime.load_module(str(lib)), manifest
 
 
 def evaluate(args) -> dict:

@@ -18,6 +18,8 @@ from compiler.errors import UserError
 VERBS = {
     "eval": ("compiler.evaluate", "top-1 of a checkpoint (PyTorch) or a compiled artifact on the CIFAR-10 test set"),
     "train": ("compiler.train", "train a CIFAR-10 model from scratch (resumable)"),
+    "prune": ("compiler.prune.cli", "structured filter pruning with fine-tuning"),
+    "targets": ("targets.cli", "list the named build targets"),
     "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
 }
 

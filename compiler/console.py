@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tempfile
 
 from tqdm.auto import tqdm
 
@@ -41,3 +44,28 @@ def _fmt(v) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)
+
+
+# TVM 0.27's VM executable logs one "Warning: Scope Saving:/Loaded:" line per constant when it is saved or
+# loaded: noise to a user, so those lines are dropped (everything else native code prints is passed on).
+TVM_NOISE = ("Warning: Scope Saving:", "Warning: Scope Loaded:")
+
+
+@contextlib.contextmanager
+def filter_native_stderr(drop: tuple[str, ...] = TVM_NOISE):
+    """Capture what native code writes to file descriptor 2 and re-emit it without the lines in ``drop``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            for line in buf.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(d in line for d in drop):
+                    sys.stderr.write(line)
+            sys.stderr.flush()

@@ -40,9 +40,11 @@ def apply(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
         return mod
     if precision == "fp16":
         # fp16 storage and arithmetic (the TX2's fast path); inputs and logits stay float32 at the boundary
-        return relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+        # FoldConstant turns the casts of constant weights into fp16 constants: half the bytes in the module
+        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+        return relax.transform.FoldConstant()(mod)
     raise UserError(f"precision {precision} is not implemented yet")
 
 
 # verification tolerance on the logits, relative to their largest magnitude
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}

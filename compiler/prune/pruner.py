@@ -32,13 +32,17 @@ Masks = dict[str, torch.Tensor]  # conv name -> bool (out_channels,), True = kep
 
 # ---------------------------------------------------------------- counting
 
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def count(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> tuple[int, int]:
     """(MACs, parameters) of a model for one input, counted with FlopCounterMode (FLOPs / 2)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, dtype=_dtype(model)))
     finally:
         model.train(was_training)
     return int(fc.get_total_flops()) // 2, sum(p.numel() for p in model.parameters())
@@ -63,7 +67,7 @@ def mac_units(model: nn.Module, graph: Graph, input_shape: tuple[int, ...] = INP
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, dtype=_dtype(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -258,7 +262,7 @@ def shrink(model: nn.Module, graph: Graph, masks: Masks) -> nn.Module:
         mod = model.get_submodule(name)
         inp = input_index(graph, name, masks)
         if isinstance(mod, nn.Linear):
-            new = nn.Linear(len(inp), mod.out_features, bias=mod.bias is not None)
+            new = nn.Linear(len(inp), mod.out_features, bias=mod.bias is not None, dtype=mod.weight.dtype)
             new.weight.copy_(mod.weight[:, inp])
             if mod.bias is not None:
                 new.bias.copy_(mod.bias)
@@ -266,14 +270,15 @@ def shrink(model: nn.Module, graph: Graph, masks: Masks) -> nn.Module:
             continue
         out = masks[name].nonzero().flatten()
         new = nn.Conv2d(len(inp), len(out), mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        bias=mod.bias is not None, padding_mode=mod.padding_mode)
+                        bias=mod.bias is not None, padding_mode=mod.padding_mode, dtype=mod.weight.dtype)
         new.weight.copy_(mod.weight[out][:, inp])
         if mod.bias is not None:
             new.bias.copy_(mod.bias[out])
         _set(small, name, new)
         if bn_of.get(name):
             bn = model.get_submodule(bn_of[name])
-            nb = nn.BatchNorm2d(len(out), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+            nb = nn.BatchNorm2d(len(out), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                dtype=bn.running_mean.dtype if bn.track_running_stats else bn.weight.dtype)
             if bn.affine:
                 nb.weight.copy_(bn.weight[out])
                 nb.bias.copy_(bn.bias[out])
@@ -382,3 +387,27 @@ def prune(model: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], flops
     apply_masks(model, graph, masks)
     flops_pruned, params_pruned = count(shrink(model, graph, masks))
     return Pruned(kept, masks, flops_dense, flops_pruned, params_dense, params_pruned)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` of inputs (train-mode forward, no update
+    of weights): after pruning, the layers behind removed channels see shifted activations. Returns the number of
+    batches used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            model(x)
+            n += 1
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        model.train(was_training)
+    return n

@@ -1,0 +1,483 @@
+"""``tune``: MetaSchedule (XGBoost cost model) on exactly the module ``build`` compiles, locally or over TVM RPC.
+
+    checkpoint -> compiler.build.lower (import, strip zeroed channels, precision) -> legalize + fuse (the build
+    pipeline's front half) -> MetaSchedule tasks -> builder (cross-compiles for the target) -> runner (this
+    machine, or the boards behind a TVM RPC tracker) -> tuning_logs/<target>/<model>-<variant>/
+
+The database is MetaSchedule's JSON database: each measured trial is appended as it finishes, so Ctrl-C or a
+crash keeps every finished record, and the same command run again continues the same database. ``build`` finds
+it by target, model and variant (see :mod:`compiler.tuning`).
+
+Several RPC servers registered under one key measure in parallel (one runner worker per server): that is how
+tuning grows from one board to a farm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from compiler import cli, console, data, precision, tuning, zoo
+from compiler.errors import UserError
+
+TRACKER_TIMEOUT_S = 5.0  # connecting to / asking the tracker; an unreachable tracker fails within this
+BUILD_TIMEOUT_S = 120.0  # one candidate's compile (the worker's start-up is not counted)
+MAX_TRIALS_PER_ITER = 64
+
+
+def configure(p) -> None:
+    p.add_argument("--target", required=True, help="named target (see `python -m compiler targets`)")
+    cli.add_model_args(p)
+    p.add_argument("--precision", default="auto", choices=precision.CHOICES,
+                   help="as for build: the tuned module must be the one build compiles")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (as for build)")
+    p.add_argument("--trials", type=int, required=True,
+                   help="measurements to run in this session (added to what the database already holds)")
+    p.add_argument("--tracker", metavar="HOST:PORT",
+                   help="TVM RPC tracker to measure through (default: measure on this machine)")
+    p.add_argument("--key", help="RPC key the boards registered under (with --tracker)")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="database folder (default: tuning_logs/<target>/<model>-<variant>/)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds one measurement (RPC session) may take (default 30)")
+    p.add_argument("--trials-per-iter", type=int, default=None, metavar="N",
+                   help="candidates per task per round (default: trials / tasks, at most 64)")
+    p.add_argument("--num-cores", type=int, default=None, metavar="N",
+                   help="CPU targets: cores the target has (default: this machine's for host, else 4)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the search")
+    cli.add_json_arg(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RPC tracker
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--tracker must be HOST:PORT, got '{text}'")
+    return host.strip("[]"), int(port)
+
+
+def tracker_summary(host: str, port: int, timeout: float = TRACKER_TIMEOUT_S) -> dict:
+    """The tracker's summary (``queue_info``, ``server_info``), or a UserError within about ``timeout`` seconds.
+
+    TVM's own client retries for 60 s before it gives up; this speaks the tracker protocol directly with a
+    socket timeout, so a wrong address or a stopped tracker is reported at once.
+    """
+    from tvm.rpc import base
+
+    hint = f"start it with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}`"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        raise UserError(f"cannot reach the RPC tracker at {host}:{port} ({reason}); {hint}") from None
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+        if magic != base.RPC_TRACKER_MAGIC:
+            raise UserError(f"{host}:{port} answers, but it is not a TVM RPC tracker")
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        reply = base.recvjson(sock)
+    except (OSError, struct.error, ValueError, RuntimeError) as e:
+        raise UserError(f"the RPC tracker at {host}:{port} did not answer within {timeout:.0f} s ({e}); "
+                        f"is it a TVM RPC tracker? {hint}") from None
+    finally:
+        sock.close()
+    if not (isinstance(reply, list) and reply and reply[0] == base.TrackerCode.SUCCESS):
+        raise UserError(f"the RPC tracker at {host}:{port} gave an unexpected answer: {reply!r}")
+    return reply[1]
+
+
+def servers_for_key(summary: dict, key: str) -> int:
+    n = 0
+    for item in summary.get("server_info", []):
+        k = str(item.get("key", ""))
+        if k.split(":", 1)[-1] == key:
+            n += 1
+    return n
+
+
+def check_tracker(tracker: str, key: str, timeout: float = TRACKER_TIMEOUT_S, wait: float = 0.0) -> int:
+    """How many RPC servers are registered under ``key`` (at least 1, else UserError)."""
+    host, port = parse_tracker(tracker)
+    deadline = time.monotonic() + wait
+    while True:
+        summary = tracker_summary(host, port, timeout)
+        n = servers_for_key(summary, key)
+        if n or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if not n:
+        keys = sorted({str(i.get("key", "")).split(":", 1)[-1] for i in summary.get("server_info", [])})
+        raise UserError(f"no RPC server is registered under key '{key}' at the tracker {host}:{port} "
+                        f"(registered keys: {', '.join(keys) or 'none'}); on each board run "
+                        f"`python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}`")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# builder and runner
+
+
+def _build_candidate(mod, target, _params, cuda_arch=None):
+    """Compile one candidate in a builder worker: MetaSchedule's default_build without its import of
+    tvm.s_tir.tensor_intrin (tens of seconds per fresh worker, and counted against the build timeout)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    if cuda_arch is None:
+        return tvm_build(mod, target=target)
+    from targets.cuda import cuda_compile_callback
+
+    with cuda_compile_callback(cuda_arch):  # the board's sm with NVRTC 11.8, as build does
+        return tvm_build(mod, target=target)
+
+
+def _export_candidate(rt_mod, zig_target=None):
+    """Write a candidate for the runner: a tar of objects (the measuring machine links it) for targets this
+    machine's compiler links, a shared library cross-linked with zig (targets.export) for aarch64 boards."""
+    workdir = tempfile.mkdtemp(prefix="tune-")
+    if zig_target is None:
+        from tvm.support.tar import tar
+
+        path = os.path.join(workdir, "tvm_tmp_mod." + tar.output_format)
+        rt_mod.export_library(path, fcompile=tar)
+        return path
+    from targets.export import zig_fcompile
+
+    path = os.path.join(workdir, "tvm_tmp_mod.so")
+    rt_mod.export_library(path, fcompile=zig_fcompile(zig_target))
+    return path
+
+
+def make_builder(spec, max_workers: int, timeout_sec: float = BUILD_TIMEOUT_S):
+    """A MetaSchedule builder with one worker pool for the whole session (LocalBuilder starts a fresh pool for
+    every batch). Call ``.close()`` when done."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params, _worker_func
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    f_build = _build_candidate
+    if spec.kind == "cuda":
+        f_build = functools.partial(_build_candidate, cuda_arch=spec.cuda_arch)
+    f_export = _export_candidate
+    if spec.cross_compiled:
+        f_export = functools.partial(_export_candidate, zig_target=f"{spec.triple}.{spec.glibc}")
+
+    @derived_object
+    class SessionBuilder(PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec,
+                                          maximum_process_uses=256, stdout=subprocess.DEVNULL)
+
+        def build(self, build_inputs):
+            results = []
+            jobs = [(f_build, f_export, b.mod, b.target, _serialize_params(b.params)) for b in build_inputs]
+            for r in self.pool.map_with_error_catching(lambda x: _worker_func(*x), jobs):
+                if r.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(r.value, None))
+                elif r.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(None, f"builder: timeout, killed after {timeout_sec} s"))
+                else:
+                    results.append(BuilderResult(None, f"builder: an exception occurred\n{r.value}"))
+            return results
+
+        def close(self):
+            self.pool.shutdown(wait=False)
+
+    return SessionBuilder()
+
+
+def make_runner(tracker: str | None, key: str | None, servers: int, timeout_sec: float):
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100, enable_cpu_cache_flush=False)
+    if tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator)
+    host, port = parse_tracker(tracker)
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                 session_priority=1, session_timeout_sec=int(max(1, timeout_sec)))
+    # one worker per registered server: several boards under one key measure in parallel
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=max(1, servers))
+
+
+def _close(obj) -> None:
+    with contextlib.suppress(Exception):
+        if hasattr(obj, "close"):
+            obj.close()
+        elif hasattr(obj, "pool"):
+            obj.pool.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class _Progress:
+    """Counts trials per task, keeps the best latency, drives a tqdm bar and keeps meta.json current."""
+
+    def __init__(self, names: list[str], total: int, on_update, show: bool = True):
+        self.names = names
+        self.trials = [0] * len(names)
+        self.errors = [0] * len(names)
+        self.best = [None] * len(names)  # seconds
+        self.bar = console.progress(total=total, desc="tune", unit="trial", leave=False,
+                                    disable=None if show else True)
+        self.on_update = on_update
+        self._last_save = 0.0
+
+    def measured(self, task_id: int, builder_results, runner_results) -> None:
+        for b, r in zip(builder_results, runner_results):
+            self.trials[task_id] += 1
+            secs = list(r.run_secs) if (b.error_msg is None and r.error_msg is None and r.run_secs) else None
+            if secs:
+                mean = sum(float(s) for s in secs) / len(secs)
+                if mean < tuning._FAILED_SECS and (self.best[task_id] is None or mean < self.best[task_id]):
+                    self.best[task_id] = mean
+            else:
+                self.errors[task_id] += 1
+        self.bar.update(len(runner_results))
+        best = self.best[task_id]
+        self.bar.set_postfix_str(f"task {task_id + 1}/{len(self.names)} {self.names[task_id]}: "
+                                 + (f"best {best * 1e3:.4g} ms" if best is not None else "no valid run yet"))
+        now = time.monotonic()
+        if now - self._last_save > 5.0:
+            self._last_save = now
+            self.on_update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_callback(progress: _Progress):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class ProgressCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            try:
+                progress.measured(int(task_id), builder_results, runner_results)
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # noqa: BLE001 - progress must never stop tuning
+                pass
+
+    return ProgressCallback()
+
+
+@contextlib.contextmanager
+def _quiet_metaschedule():
+    """MetaSchedule logs every round to stdout; keep that in work_dir/logs and only warnings on the console."""
+    import logging
+
+    lg = logging.getLogger("tvm.s_tir.meta_schedule")
+    old = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+@contextlib.contextmanager
+def _lock(directory: Path):
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / tuning.LOCK_FILE, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another tune is writing {directory} right now; wait for it or use another "
+                            "--log-dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuning
+
+
+def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, *, directory=None, root=None,
+                tracker: str | None = None, key: str | None = None, timeout: float = 30.0,
+                trials_per_iter: int | None = None, num_cores: int | None = None, seed: int | None = None,
+                show_progress: bool = True) -> dict:
+    """Tune ``mod`` (the module build compiles: ``compiler.build.lower``'s final module) for ``spec``.
+
+    Returns ``log_dir``, ``variant``, ``tasks`` (per-task rows: name, weight, trials, best_ms), ``trials`` (this
+    session), ``trials_total`` (records in the database), ``seconds`` (this session), ``tasks_in_db``.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
+    from tvm.s_tir.meta_schedule.tune import tune_tasks
+
+    if trials <= 0:
+        raise UserError("--trials must be positive")
+    if (tracker is None) != (key is None):
+        raise UserError("--tracker and --key go together")
+    runs_here = spec.kind == "cpu" and not spec.cross_compiled
+    if tracker is None and not runs_here:
+        raise UserError(f"{spec.name} code cannot run on this machine: measure it on the board through a TVM RPC "
+                        "tracker with --tracker HOST:PORT --key KEY (see tuning_logs/README.md)")
+    servers = check_tracker(tracker, key) if tracker is not None else 0
+
+    variant = tuning.variant_of(mod, prec)
+    directory = Path(directory) if directory is not None else tuning.log_dir(spec.name, model_name, variant, root)
+    target = tuning.tune_target(spec, num_cores)
+    meta = tuning.read_meta(directory)
+    has_db = (directory / tuning.WORKLOAD_FILE).exists() or (directory / tuning.RECORD_FILE).exists()
+    if meta is not None or has_db:
+        tuning.check_meta(meta, directory, spec, model_name, variant)  # refuse another target / model / variant
+
+    legal = tuning.legalize(mod, target)
+    extracted = extract_tasks(legal, target)
+    if not extracted:
+        raise UserError("the module has no kernels to tune")
+
+    t0 = time.perf_counter()
+    with _lock(directory), _quiet_metaschedule():
+        contexts, weights = extracted_tasks_to_tune_contexts(extracted, work_dir=str(directory / "logs"), seed=seed)
+        names = [c.task_name for c in contexts]
+        if meta is None:
+            meta = tuning.new_meta(spec, target, model_name, variant, prec, batch, tuning.shape_signature(mod),
+                                   [{"name": t.task_name, "weight": int(t.weight)} for t in extracted])
+        session = {"started": tuning._now(), "trials": 0, "seconds": 0.0,
+                   "runner": f"rpc {tracker} key {key} ({servers} server(s))" if tracker else "local",
+                   "target": tuning._target_dict(target), "completed": False}
+        meta["sessions"] = [*meta.get("sessions", []), session]
+        base_seconds = float(meta.get("seconds", 0.0))
+        database = tuning.open_database(directory, create=True)
+
+        def save(completed: bool = False) -> None:
+            counts = tuning.summarize(directory)
+            session["trials"] = sum(progress.trials)
+            session["seconds"] = round(time.perf_counter() - t0, 1)
+            session["completed"] = completed
+            meta["trials"] = counts["records"]
+            meta["seconds"] = round(base_seconds + session["seconds"], 1)
+            meta["tasks_in_db"] = counts["tasks_in_db"]
+            meta["updated"] = tuning._now()
+            tuning.write_meta(directory, meta)
+
+        progress = _Progress(names, trials, save, show_progress)
+        save()
+        per_iter = trials_per_iter or max(1, min(MAX_TRIALS_PER_ITER, trials // max(1, len(contexts))))
+        builder = make_builder(spec, max_workers=_local_cores())
+        runner = make_runner(tracker, key, servers, timeout)
+        completed = False
+        try:
+            tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(directory / "logs"),
+                max_trials_global=trials, num_trials_per_iter=per_iter,
+                builder=builder, runner=runner, database=database, cost_model="xgb",
+                measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(progress)],
+                task_scheduler="gradient",
+            )
+            completed = True
+        finally:
+            progress.close()
+            _close(builder)
+            _close(runner)
+            save(completed=completed)
+
+    counts = tuning.summarize(directory)
+    rows = []
+    for i, ctx in enumerate(contexts):
+        best = progress.best[i]
+        rows.append({"task": names[i], "weight": int(weights[i]), "trials": progress.trials[i],
+                     "errors": progress.errors[i], "best_ms": None if best is None else round(best * 1e3, 5)})
+    return {
+        "log_dir": str(directory),
+        "variant": variant,
+        "target": spec.name,
+        "model": model_name,
+        "precision": prec,
+        "tasks": rows,
+        "trials": sum(progress.trials),
+        "trials_total": counts["records"],
+        "tasks_in_db": counts["tasks_in_db"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds_total": meta["seconds"],
+        "runner": session["runner"],
+    }
+
+
+def _local_cores() -> int:
+    return tuning._physical_cores()
+
+
+def load_model(args):
+    """The checkpoint as build loads it (shipped default, else untrained weights with a warning)."""
+    import torch
+
+    try:
+        return zoo.load(args.model, args.checkpoint, args.normalize), None
+    except UserError:
+        if args.checkpoint is not None:
+            raise
+        from compiler.checkpoint import Checkpoint
+        from compiler.models import build_model
+
+        name = args.model or zoo.DEFAULT_MODEL
+        torch.manual_seed(0)
+        note = (f"no trained {name} is shipped yet: tuning an untrained {name} (kernel shapes do not depend on "
+                "weights; a pruned checkpoint strips to other shapes, so tune that one with --checkpoint)")
+        console.progress().write(f"warning: {note}")
+        return Checkpoint(name, build_model(name).eval(), args.normalize or data.DEFAULT_NORMALIZATION), note
+
+
+def run(args) -> dict:
+    import targets
+
+    from compiler.build import lower
+
+    spec = targets.get(args.target)
+    if args.batch <= 0:
+        raise UserError("--batch must be positive")
+    if args.trials <= 0:
+        raise UserError("--trials must be positive")
+    if (args.tracker is None) != (args.key is None):
+        raise UserError("--tracker and --key go together")
+    if args.tracker is not None:
+        check_tracker(args.tracker, args.key)  # fail fast, before the model is loaded
+    ckpt, note = load_model(args)
+    prec, _why = precision.choose(args.precision, spec)
+    _dense, mod, _report = lower(ckpt.model, args.batch, prec)
+    result = tune_module(mod, spec, ckpt.model_name, prec, args.batch, args.trials, directory=args.log_dir,
+                         tracker=args.tracker, key=args.key, timeout=args.timeout,
+                         trials_per_iter=args.trials_per_iter, num_cores=args.num_cores, seed=args.seed)
+    rows = [dict(r) for r in result["tasks"]]
+    total_best = sum(r["best_ms"] for r in rows if r["best_ms"] is not None)
+    rows.append({"task": "total", "weight": None, "trials": result["trials"], "errors": sum(r["errors"] for r in rows),
+                 "best_ms": None})
+    print(console.table(rows, ["task", "weight", "trials", "errors", "best_ms"],
+                        title=f"tune {result['model']} for {result['target']} ({result['variant']}), "
+                              f"{result['runner']}"))
+    print(f"{result['trials']} trials in {result['seconds']:.0f} s; the database now holds "
+          f"{result['trials_total']} records for {result['tasks_in_db']} of {len(result['tasks'])} tasks "
+          f"({result['seconds_total']:.0f} s of tuning in all): {result['log_dir']}")
+    if total_best:
+        print(f"sum of the best kernel times measured this session (one call each): {total_best:.4g} ms")
+    out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
+                                  "trials_total", "tasks_in_db")}
+    out["tasks"] = len(result["tasks"])
+    out["task_rows"] = result["tasks"]
+    if note:
+        out["note"] = note
+    return out

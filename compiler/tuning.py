@@ -1,0 +1,457 @@
+"""MetaSchedule tuning databases: where they live, which module they fit, and opening one for ``build``.
+
+Layout (see tuning_logs/README.md)::
+
+    tuning_logs/<target>/<model>-<variant>/database_workload.json       MetaSchedule's JSON database
+    tuning_logs/<target>/<model>-<variant>/database_tuning_record.json
+    tuning_logs/<target>/<model>-<variant>/meta.json                    what it was tuned for (refused otherwise)
+    tuning_logs/<target>/<model>-<variant>/logs/                        MetaSchedule's text logs (not versioned)
+
+``<variant>`` is ``<precision>-<hash>``: the hash covers the shapes, dtypes and attributes of every conv2d and
+matmul of the module ``build`` compiles (after strip-zero-channels and precision; the batch size is in the
+shapes), so a pruned model finds the database tuned for its own stripped shapes and ``build`` picks it up by
+itself.
+
+Crash safety: MetaSchedule's JSONDatabase appends one line per workload / measured record and flushes it
+(``std::endl``), so finished records survive Ctrl-C or a crash. The only damage a hard kill can do is a torn
+last line (or a last line without its newline, which the next append would glue onto); :func:`repair` drops
+or completes that line (atomic rewrite) before a database is opened, so such a database still loads and a
+re-run continues it.
+
+Workload keys carry no target: :func:`check_meta` is what stops a database tuned for one target, model or
+variant from being applied to another.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from compiler import fileio
+from compiler.errors import UserError
+
+FORMAT = "cifar-hybrid-compiler/tuning-log"
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "tuning_logs"
+
+# ops whose shapes name the variant (the ones that carry the FLOPs and that pruning / precision change)
+VARIANT_OPS = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.conv2d_transpose", "relax.matmul", "relax.nn.dense")
+_ATTRS = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout", "out_layout", "out_dtype")
+# a measured record that failed to build or run has this run time (SortTuningRecordByMeanRunSecs::kMaxMeanTime)
+_FAILED_SECS = 1e10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# names
+
+
+def _safe(name: str, what: str) -> str:
+    name = str(name)
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise UserError(f"{what} '{name}' cannot name a folder")
+    return name
+
+
+def log_dir(target_name: str, model_name: str, variant: str, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<target>/<model>-<variant>``; ``root`` defaults to this project's tuning_logs/."""
+    base = Path(root) if root is not None else DEFAULT_ROOT
+    return base / _safe(target_name, "target") / f"{_safe(model_name, 'model')}-{_safe(variant, 'variant')}"
+
+
+def _static(dim):
+    try:
+        return int(dim)
+    except (TypeError, ValueError):
+        return str(dim)
+
+
+def _tensor_sig(expr) -> list:
+    from tvm import relax
+
+    ty = expr.ty  # TVM 0.27: what older TVMs called struct_info
+    if isinstance(ty, relax.TensorType):
+        shape = [_static(d) for d in ty.shape.values] if isinstance(ty.shape, relax.ShapeExpr) else None
+        return [shape, str(ty.dtype)]
+    return [type(ty).__name__]
+
+
+def _attr_value(v):
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    try:
+        return [_attr_value(x) for x in v]
+    except TypeError:
+        pass
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def shape_signature(mod) -> list[list]:
+    """``[op, [[shape, dtype] per argument], {attr: value}]`` for every conv2d / matmul binding, in program order."""
+    import tvm
+    from tvm import relax
+
+    sigs = []
+    for gv, func in sorted(mod.functions_items(), key=lambda kv: kv[0].name_hint):
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                call = binding.value
+                if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
+                    continue
+                if call.op.name not in VARIANT_OPS:
+                    continue
+                attrs = {}
+                for name in _ATTRS:
+                    if call.attrs is not None and hasattr(call.attrs, name):
+                        attrs[name] = _attr_value(getattr(call.attrs, name))
+                sigs.append([str(call.op.name), [_tensor_sig(a) for a in call.args], attrs])
+    return sigs
+
+
+def variant_of(mod, precision: str) -> str:
+    """``<precision>-<8 hex>``: names the module's conv2d/matmul shapes (stripped, batch included) and precision."""
+    payload = json.dumps({"precision": precision, "ops": shape_signature(mod)}, sort_keys=True,
+                         separators=(",", ":"))
+    return f"{_safe(precision, 'precision')}-{hashlib.sha256(payload.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the module MetaSchedule sees (the same passes targets.build runs before MetaScheduleApplyDatabase)
+
+
+def legalize(mod, target):
+    """Dispatch, legalize and fuse ``mod`` for ``target`` exactly as the build pipeline does before it applies a
+    database (so the PrimFuncs tuned here are the ones that build looks up), and as compile_relax does."""
+    import tvm
+    from tvm import relax
+
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    backend = relax.backend.cuda if target.kind.name == "cuda" else relax.backend.cpu_generic
+    with target:
+        seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ])
+        return seq(mod)
+
+
+def tune_target(spec, num_cores: int | None = None):
+    """The TVM target MetaSchedule tunes for: ``spec``'s target, plus ``num-cores`` on CPU targets (MetaSchedule
+    sizes parallel loops by it; default: this machine's physical cores for ``host``, else 4)."""
+    import tvm
+
+    target = spec.target_json()
+    if spec.kind == "cpu" and "num-cores" not in target:
+        if num_cores is None:
+            num_cores = _physical_cores() if not spec.cross_compiled else 4
+        target = {**target, "num-cores": int(num_cores)}
+    return tvm.target.Target(target)
+
+
+def _physical_cores() -> int:
+    try:
+        from tvm.s_tir.meta_schedule.utils import cpu_count
+
+        return max(1, int(cpu_count(logical=False)))
+    except Exception:  # noqa: BLE001
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the database files
+
+
+def _read_lines(path: Path) -> tuple[list[bytes], bool]:
+    """(lines without newlines, whether the file ends with a newline)."""
+    data = path.read_bytes()
+    if not data:
+        return [], True
+    return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"), data.endswith(b"\n")
+
+
+def repair(directory: str | os.PathLike) -> dict:
+    """Make a database crash-clean before it is opened: a torn last line (killed mid-append) is dropped, a
+    complete last line without its newline gets one, records that point past the workload table are dropped.
+    Rewrites atomically, only when something is wrong. Any other bad line is a corrupt file: UserError."""
+    directory = Path(directory)
+    fixed = {"dropped_lines": 0, "added_newlines": 0}
+    n_workloads = 0
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        path = directory / name
+        if not path.is_file():
+            continue
+        lines, ends_nl = _read_lines(path)
+        keep, changed = [], not ends_nl
+        for i, raw in enumerate(lines):
+            if not raw.strip():
+                changed = True
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                if i == len(lines) - 1:  # the one line a crash can tear
+                    changed = True
+                    fixed["dropped_lines"] += 1
+                    continue
+                raise UserError(f"{path} line {i + 1} is not JSON: the database is corrupt (not a torn last "
+                                "line); restore it from version control or tune into a new --log-dir") from None
+            if name == RECORD_FILE and not (isinstance(obj, list) and obj and isinstance(obj[0], int)
+                                            and 0 <= obj[0] < n_workloads):
+                if i == len(lines) - 1:
+                    changed = True
+                    fixed["dropped_lines"] += 1
+                    continue
+                raise UserError(f"{path} line {i + 1} refers to workload {obj[0] if isinstance(obj, list) and obj else '?'}"
+                                f" but {directory / WORKLOAD_FILE} has {n_workloads}: the database is corrupt")
+            keep.append(raw)
+        if not ends_nl and len(keep) == len(lines):
+            fixed["added_newlines"] += 1
+        if name == WORKLOAD_FILE:
+            n_workloads = len(keep)
+        if changed:
+            fileio.write_bytes(path, b"".join(line + b"\n" for line in keep))
+    return fixed
+
+
+def summarize(directory: str | os.PathLike) -> dict:
+    """Counts straight from the files: workloads, records (= trials measured), valid records, and
+    ``tasks_in_db``: workloads with at least one valid record (what build can apply)."""
+    directory = Path(directory)
+    out = {"workloads": 0, "records": 0, "valid_records": 0, "tasks_in_db": 0, "best_secs": {}}
+    wl = directory / WORKLOAD_FILE
+    rec = directory / RECORD_FILE
+    if wl.is_file():
+        out["workloads"] = len([line for line in _read_lines(wl)[0] if line.strip()])
+    if rec.is_file():
+        best: dict[int, float] = {}
+        for raw in _read_lines(rec)[0]:
+            if not raw.strip():
+                continue
+            try:
+                idx, record = json.loads(raw)
+                secs = [float(s) for s in record[1]] if record[1] else []
+            except (ValueError, TypeError, IndexError):
+                continue
+            out["records"] += 1
+            if secs and max(secs) < _FAILED_SECS:
+                out["valid_records"] += 1
+                mean = sum(secs) / len(secs)
+                best[idx] = min(best.get(idx, mean), mean)
+        out["tasks_in_db"] = len(best)
+        out["best_secs"] = best
+    return out
+
+
+def open_database(directory: str | os.PathLike, create: bool = False):
+    """A MetaSchedule JSONDatabase on ``directory`` (repaired first). ``create``: make the files if missing."""
+    from tvm.s_tir import meta_schedule as ms
+
+    directory = Path(directory)
+    if create:
+        directory.mkdir(parents=True, exist_ok=True)
+    elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
+        raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
+    repair(directory)
+    return ms.database.JSONDatabase(path_workload=str(directory / WORKLOAD_FILE),
+                                    path_tuning_record=str(directory / RECORD_FILE), allow_missing=create)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# meta.json: what a database was tuned for
+
+
+def read_meta(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a tuning-log meta file of this project (format {FORMAT})")
+    return meta
+
+
+def new_meta(spec, tuned_target, model_name: str, variant: str, precision: str, batch: int, shapes, tasks) -> dict:
+    import tvm
+
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "target": {"name": spec.name, "tvm": spec.target_json(), "tuned_as": _target_dict(tuned_target)},
+        "model": model_name,
+        "variant": variant,
+        "precision": precision,
+        "batch": batch,
+        "shapes": shapes,
+        "tasks": tasks,
+        "trials": 0,
+        "seconds": 0.0,
+        "sessions": [],
+        "tvm_version": tvm.__version__,
+        "created": _now(),
+    }
+
+
+def _plain(x):
+    """tvm_ffi containers (Map, Array, String, IntImm, Target) -> JSON-able Python values."""
+    import tvm
+
+    if isinstance(x, tvm.target.Target):
+        return _plain(x.export())
+    if isinstance(x, (bool, int, float)) or x is None:
+        return x
+    if isinstance(x, str):
+        return str(x)
+    if hasattr(x, "items"):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) or hasattr(x, "__len__") and hasattr(x, "__getitem__"):
+        return [_plain(v) for v in x]
+    if hasattr(x, "value"):
+        return _plain(x.value)
+    return str(x)
+
+
+def _target_dict(target) -> dict:
+    return _plain(target)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_meta(directory: str | os.PathLike, meta: dict) -> None:
+    fileio.write_json(Path(directory) / META_FILE, meta)
+
+
+def _describe(target_json: dict) -> str:
+    keys = ("kind", "arch", "mcpu", "mtriple")
+    main = " ".join(f"{k}={target_json[k]}" for k in keys if k in target_json)
+    host = target_json.get("host")
+    return main + (f" (host {_describe(host)})" if isinstance(host, dict) else "")
+
+
+def _norm_target(target_json: dict) -> dict:
+    """Target JSON minus what does not change the generated code's validity (tags, keys, num-cores)."""
+    out = {k: v for k, v in target_json.items() if k not in ("tag", "keys", "num-cores", "host")}
+    if isinstance(target_json.get("host"), dict):
+        out["host"] = _norm_target(target_json["host"])
+    return out
+
+
+def target_mismatch(meta: dict, spec) -> str | None:
+    """Why ``meta``'s target is not ``spec`` (None when it is)."""
+    got = meta.get("target", {})
+    if got.get("name") != spec.name:
+        return f"it was tuned for target '{got.get('name')}', not '{spec.name}'"
+    if _norm_target(got.get("tvm", {})) != _norm_target(spec.target_json()):
+        return (f"it was tuned for {spec.name} as {_describe(got.get('tvm', {}))}, but {spec.name} here is "
+                f"{_describe(spec.target_json())}")
+    return None
+
+
+def check_meta(meta: dict | None, directory, spec, model_name: str, variant: str) -> None:
+    """UserError unless the database in ``directory`` was tuned for this target, model and variant."""
+    where = str(directory)
+    if meta is None:
+        raise UserError(f"{where} has no {META_FILE}: it was not made by `python -m compiler tune`, so it cannot "
+                        "be checked against the target and model; tune into it with the tune command or pass "
+                        "another --tuning-log")
+    why = target_mismatch(meta, spec)
+    if why:
+        raise UserError(f"tuning log {where} does not fit: {why}")
+    if meta.get("model") != model_name:
+        raise UserError(f"tuning log {where} does not fit: it was tuned for model '{meta.get('model')}', "
+                        f"not '{model_name}'")
+    if meta.get("variant") != variant:
+        raise UserError(f"tuning log {where} does not fit: it was tuned for variant {meta.get('variant')} "
+                        f"(precision {meta.get('precision')}, batch {meta.get('batch')}), but this build is "
+                        f"{variant}: other stripped shapes, precision or batch size")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# build's side
+
+
+def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.PathLike | None = None,
+                  root: str | os.PathLike | None = None):
+    """The tuning database ``build`` should apply: ``(database or None, info)``.
+
+    With ``explicit_dir`` (``build --tuning-log DIR``) that folder must exist and fit (else UserError). Without,
+    ``tuning_logs/<target>/<model>-<variant>/`` is used when it exists; a log there whose target details differ
+    (say, ``host`` tuned on another CPU) is skipped with a note rather than failing the build; a wrong model or
+    variant in its meta is refused. ``info``: ``path``, ``sha256`` (of the record file), ``tasks_in_db``,
+    ``records``, ``trials``, ``seconds``, ``note``.
+    """
+    explicit = explicit_dir is not None
+    directory = Path(explicit_dir) if explicit else log_dir(spec.name, model_name, variant, root)
+    info = {"path": None, "sha256": None, "tasks_in_db": 0, "records": 0, "trials": 0, "seconds": 0.0,
+            "note": None}
+    if not directory.is_dir():
+        if explicit:
+            raise UserError(f"tuning log {directory} does not exist")
+        info["note"] = f"untuned: no tuning log at {directory} (see `python -m compiler tune`)"
+        return None, info
+    meta = read_meta(directory)
+    if not explicit and meta is not None and target_mismatch(meta, spec):
+        info["note"] = f"untuned: {directory} skipped, {target_mismatch(meta, spec)}"
+        return None, info
+    check_meta(meta, directory, spec, model_name, variant)
+    db = open_database(directory)
+    counts = summarize(directory)
+    info.update(path=str(directory), sha256=fileio.sha256_file(directory / RECORD_FILE),
+                tasks_in_db=counts["tasks_in_db"], records=counts["records"],
+                trials=int(meta.get("trials", counts["records"])), seconds=float(meta.get("seconds", 0.0)),
+                note=f"MetaSchedule database {directory}")
+    return db, info
+
+
+def tasks_applied(mod, spec, database) -> dict:
+    """How many of ``mod``'s kernels ``database`` schedules when built for ``spec``: runs the build's front half
+    and MetaScheduleApplyDatabase, then counts the PrimFuncs marked scheduled. ``{"applied", "tasks", "missing"}``
+    (distinct kernels; a kernel used twice counts once)."""
+    import tvm
+    from tvm import relax, tirx
+
+    target = spec.tvm_target()
+    legal = legalize(mod, target)
+    with target, database:
+        applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
+    seen: dict[int, tuple[str, bool]] = {}
+    for gv, func in legal.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        new = applied_mod[gv]
+        scheduled = bool(new.attrs is not None and "tirx.is_scheduled" in new.attrs
+                         and int(new.attrs["tirx.is_scheduled"]) == 1)
+        key = tvm.ir.structural_hash(func.with_attr("global_symbol", "main"))
+        name, was = seen.get(key, (gv.name_hint, False))
+        seen[key] = (name, was or scheduled)
+    missing = sorted(name for name, ok in seen.values() if not ok)
+    return {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing}
+
+
+def manifest_entry(info: dict, applied: dict | None) -> dict:
+    """What build's manifest ``tuning`` should say, from :func:`find_database`'s info and :func:`tasks_applied`."""
+    if info.get("path") is None:
+        return {"database": None, "sha256": None, "tasks_applied": 0, "tasks": applied["tasks"] if applied else None,
+                "trials": 0, "note": info.get("note")}
+    return {"database": info["path"], "sha256": info["sha256"],
+            "tasks_applied": applied["applied"] if applied else None,
+            "tasks": applied["tasks"] if applied else None,
+            "trials": info.get("trials"), "tuning_seconds": info.get("seconds"),
+            "note": info.get("note")}
