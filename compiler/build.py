@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler import cli, console, data, fileio, frontend, precision, zoo
+from compiler import cli, console, data, fileio, precision, zoo
 from compiler.errors import UserError
 
 ARTIFACT_FORMAT = "cifar-hybrid-compiler/artifact"
@@ -64,6 +64,7 @@ def run_module(executable, x: np.ndarray, batch: int) -> np.ndarray:
 
 def lower(model: torch.nn.Module, batch: int, prec: str):
     """The target-independent half: import, strip zeroed channels, precision. Returns (dense, final, report)."""
+    from compiler import frontend
     from passes.strip_zero_channels import strip_zero_channels
 
     dense = frontend.import_model(model, batch)

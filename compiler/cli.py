@@ -21,6 +21,7 @@ VERBS = {
     "prune": ("compiler.prune.cli", "structured filter pruning with fine-tuning"),
     "targets": ("targets.cli", "list the named build targets"),
     "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
+    "tune": ("compiler.tune", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
 }
 
 
@@ -53,18 +54,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the verb named in ``argv`` is configured, so other verbs' imports (torch, TVM) wait."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = _Parser(prog="python -m compiler", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for verb, (module, help_) in VERBS.items():
         p = sub.add_parser(verb, help=help_, description=help_)
-        importlib.import_module(module).configure(p)
-        p.set_defaults(_module=module)
+        if verb == chosen:
+            importlib.import_module(module).configure(p)
+            p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.verb:
         parser.print_help()

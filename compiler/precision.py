@@ -1,22 +1,32 @@
 """Precision per target: which numeric format a build computes in, and why.
 
-``auto`` takes the target's default (a fact of the target: fast int8 or not). What this module can apply today:
-``fp32`` (as imported) and ``fp16`` (Relax's ToMixedPrecision: fp16 storage and arithmetic). The int8 formats
-come from the quantization pass; until it exists they are refused with a clear message, and ``auto`` falls back
-to the nearest format that exists and says so.
+``auto`` takes the target's default (a fact of the target: fast int8 or not). Formats:
+
+``fp32``          as imported
+``fp16``          Relax's ToMixedPrecision: fp16 storage and arithmetic, float32 at the boundary
+``int8``          :func:`passes.quantize.quantize`: int8 conv2d/matmul with int32 accumulation, calibrated activation
+                  scales (needs calibration images: :func:`calibration_images`), first and last layer kept fp32
+``int8-weights``  fp16 compute with int8-stored weights (:func:`passes.quantize.quantize_weights`): the TX2's format
+
+Use :func:`apply_with_report` to get the quantization report the manifest records; :func:`apply` returns the module
+alone.
 """
 
 from __future__ import annotations
 
-import tvm
-from tvm import relax
+import numpy as np
 
 from compiler.errors import UserError
 
 CHOICES = ("auto", "fp32", "fp16", "int8", "int8-weights")
-AVAILABLE = ("fp32", "fp16")
-# what to use instead while a format is not implemented yet
-FALLBACK = {"int8": "fp32", "int8-weights": "fp16"}
+AVAILABLE = ("fp32", "fp16", "int8", "int8-weights")
+# what to use instead while a format is not implemented yet (none now; kept for callers that look it up)
+FALLBACK: dict = {}
+
+DEFAULT_CALIB_IMAGES = 512
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+DEFAULT_CALIBRATION = "entropy"
+DEFAULT_KEEP = ("first", "last")
 
 
 def choose(requested: str, spec) -> tuple[str, str]:
@@ -25,7 +35,7 @@ def choose(requested: str, spec) -> tuple[str, str]:
         raise UserError(f"unknown precision '{requested}': choose one of {', '.join(CHOICES)}")
     if requested != "auto":
         if requested not in AVAILABLE:
-            raise UserError(f"precision {requested} is not implemented yet (int8 quantization pass pending); "
+            raise UserError(f"precision {requested} is not implemented yet; "
                             f"use one of {', '.join(AVAILABLE)} or auto")
         return requested, "requested with --precision"
     want, why = spec.default_precision, spec.precision_reason
@@ -35,16 +45,83 @@ def choose(requested: str, spec) -> tuple[str, str]:
     return got, f"auto: {why}; {want} is not implemented yet, so {got}"
 
 
-def apply(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
+def needs_calibration(precision: str) -> bool:
+    return precision == "int8"
+
+
+def calibration_images(data_dir, normalize: str, n: int = DEFAULT_CALIB_IMAGES, *, seed: int = 0,
+                       allow_random: bool = False) -> tuple[np.ndarray, str]:
+    """``n`` CIFAR-10 *training* images (a fixed-seed random subset), normalized, float32 NCHW, and a description
+    for the manifest. Without CIFAR-10: random normal inputs when ``allow_random`` (an untrained model), else a
+    UserError (calibrating a real model on noise would ruin its accuracy)."""
+    from compiler import data
+
+    if n <= 0:
+        raise UserError("--calib-images must be positive")
+    try:
+        split = data.load_split(data_dir, "train")
+    except UserError as e:
+        if not allow_random:
+            raise UserError(f"int8 calibration needs CIFAR-10 training images ({e}); pass --data DIR, or choose "
+                            "--precision fp32/fp16/int8-weights") from None
+        rng = np.random.default_rng(seed)
+        return (rng.standard_normal((n, 3, 32, 32)).astype(np.float32),
+                f"{n} random normal inputs (no CIFAR-10 found): ranges not representative")
+    n_take = min(n, len(split))
+    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n_take])
+    x = data.normalize(split.images[idx], normalize).numpy().astype(np.float32)
+    return x, f"{n_take} CIFAR-10 training images (random subset, seed {seed})"
+
+
+def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.ndarray | None = None,
+                      spec=None, method: str = DEFAULT_CALIBRATION, keep=DEFAULT_KEEP,
+                      percentile: float | None = None) -> tuple[tvm.IRModule, dict | None]:
+    """``mod`` in ``precision``, and the quantization report (None for fp32 / fp16).
+
+    int8: ``calib_images`` (float32 NCHW, normalized: :func:`calibration_images`) are run through the fp32 ``mod``
+    on this CPU; ``spec`` (the build target) chooses the activation signedness (uint8 on x86 VNNI, int8 elsewhere);
+    ``method`` one of :data:`CALIBRATION_METHODS`; ``keep`` the layers left fp32 (``first``, ``last``, layer names
+    such as ``conv2d3``, or ``none``)."""
     if precision == "fp32":
-        return mod
+        return mod, None
     if precision == "fp16":
-        # fp16 storage and arithmetic (the TX2's fast path); inputs and logits stay float32 at the boundary
-        # FoldConstant turns the casts of constant weights into fp16 constants: half the bytes in the module
-        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-        return relax.transform.FoldConstant()(mod)
-    raise UserError(f"precision {precision} is not implemented yet")
+        return _fp16(mod), None
+    from passes import quantize as q
+
+    if precision == "int8-weights":
+        return q.quantize_weights(_fp16(mod), "float16")
+    if precision == "int8":
+        if calib_images is None:
+            raise UserError("precision int8 needs calibration images (compiler.precision.calibration_images)")
+        if method not in CALIBRATION_METHODS:
+            raise UserError(f"unknown calibration method '{method}': one of {', '.join(CALIBRATION_METHODS)}")
+        overrides = {"method": method, "keep": tuple(keep)}
+        if percentile is not None:
+            overrides["percentile"] = percentile
+        config = q.config_for(spec, **overrides) if spec is not None else q.QuantConfig(**overrides)
+        try:
+            cal = q.calibrate(mod, calib_images)
+            return q.quantize(mod, cal, config)
+        except ValueError as e:
+            raise UserError(f"int8 quantization: {e}") from None
+    raise UserError(f"precision {precision} is not implemented")
 
 
-# verification tolerance on the logits, relative to their largest magnitude
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+def apply(mod: tvm.IRModule, precision: str, **kwargs) -> tvm.IRModule:
+    """``mod`` in ``precision`` (see :func:`apply_with_report` for the keyword arguments int8 needs)."""
+    return apply_with_report(mod, precision, **kwargs)[0]
+
+
+def _fp16(mod: tvm.IRModule) -> tvm.IRModule:
+    # fp16 storage and arithmetic (the TX2's fast path); inputs and logits stay float32 at the boundary
+    # FoldConstant turns the casts of constant weights into fp16 constants: half the bytes in the module
+    from tvm import relax
+
+    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    return relax.transform.FoldConstant()(mod)
+
+
+# verification tolerance on the logits, relative to max(1, their largest magnitude); int8 also checks the argmax
+# agreement (VERIFY_ARGMAX) because a calibrated int8 model is judged by its decisions, not by bit-level closeness
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8-weights": 5e-2, "int8": 0.25}
+VERIFY_ARGMAX = {"int8": 0.75}

@@ -51,6 +51,9 @@ def configure(p) -> None:
                    help="candidates per task per round (default: trials / tasks, at most 64)")
     p.add_argument("--num-cores", type=int, default=None, metavar="N",
                    help="CPU targets: cores the target has (default: this machine's for host, else 4)")
+    p.add_argument("--population", type=int, default=None, metavar="N",
+                   help="candidates the evolutionary search evolves per round (default 512, MetaSchedule's; "
+                        "smaller rounds are faster on a slow or busy machine and find less)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the search")
     cli.add_json_arg(p)
 
@@ -317,7 +320,7 @@ def _lock(directory: Path):
 def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, *, directory=None, root=None,
                 tracker: str | None = None, key: str | None = None, timeout: float = 30.0,
                 trials_per_iter: int | None = None, num_cores: int | None = None, seed: int | None = None,
-                show_progress: bool = True) -> dict:
+                population: int | None = None, show_progress: bool = True) -> dict:
     """Tune ``mod`` (the module build compiles: ``compiler.build.lower``'s final module) for ``spec``.
 
     Returns ``log_dir``, ``variant``, ``tasks`` (per-task rows: name, weight, trials, best_ms), ``trials`` (this
@@ -329,6 +332,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
 
     if trials <= 0:
         raise UserError("--trials must be positive")
+    if population is not None and population < 2:
+        raise UserError("--population must be at least 2")
     if (tracker is None) != (key is None):
         raise UserError("--tracker and --key go together")
     runs_here = spec.kind == "cpu" and not spec.cross_compiled
@@ -352,7 +357,10 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
 
     t0 = time.perf_counter()
     with _lock(directory), _quiet_metaschedule():
-        contexts, weights = extracted_tasks_to_tune_contexts(extracted, work_dir=str(directory / "logs"), seed=seed)
+        strategy = "evolutionary" if population is None else ms.search_strategy.EvolutionarySearch(
+            population_size=population, init_min_unmeasured=min(50, population))
+        contexts, weights = extracted_tasks_to_tune_contexts(extracted, work_dir=str(directory), strategy=strategy,
+                                                             seed=seed)
         names = [c.task_name for c in contexts]
         if meta is None:
             meta = tuning.new_meta(spec, target, model_name, variant, prec, batch, tuning.shape_signature(mod),
@@ -383,7 +391,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         completed = False
         try:
             tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(directory / "logs"),
+                tasks=contexts, task_weights=weights, work_dir=str(directory),
                 max_trials_global=trials, num_trials_per_iter=per_iter,
                 builder=builder, runner=runner, database=database, cost_model="xgb",
                 measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(progress)],
@@ -461,7 +469,8 @@ def run(args) -> dict:
     _dense, mod, _report = lower(ckpt.model, args.batch, prec)
     result = tune_module(mod, spec, ckpt.model_name, prec, args.batch, args.trials, directory=args.log_dir,
                          tracker=args.tracker, key=args.key, timeout=args.timeout,
-                         trials_per_iter=args.trials_per_iter, num_cores=args.num_cores, seed=args.seed)
+                         trials_per_iter=args.trials_per_iter, num_cores=args.num_cores, seed=args.seed,
+                         population=args.population)
     rows = [dict(r) for r in result["tasks"]]
     total_best = sum(r["best_ms"] for r in rows if r["best_ms"] is not None)
     rows.append({"task": "total", "weight": None, "trials": result["trials"], "errors": sum(r["errors"] for r in rows),

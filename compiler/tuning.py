@@ -424,7 +424,7 @@ def tasks_applied(mod, spec, database) -> dict:
     """How many of ``mod``'s kernels ``database`` schedules when built for ``spec``: runs the build's front half
     and MetaScheduleApplyDatabase, then counts the PrimFuncs marked scheduled. ``{"applied", "tasks", "missing"}``
     (distinct kernels; a kernel used twice counts once)."""
-    import tvm
+    import tvm_ffi
     from tvm import relax, tirx
 
     target = spec.tvm_target()
@@ -438,7 +438,7 @@ def tasks_applied(mod, spec, database) -> dict:
         new = applied_mod[gv]
         scheduled = bool(new.attrs is not None and "tirx.is_scheduled" in new.attrs
                          and int(new.attrs["tirx.is_scheduled"]) == 1)
-        key = tvm.ir.structural_hash(func.with_attr("global_symbol", "main"))
+        key = tvm_ffi.structural_hash(func.with_attr("global_symbol", "main"))
         name, was = seen.get(key, (gv.name_hint, False))
         seen[key] = (name, was or scheduled)
     missing = sorted(name for name, ok in seen.values() if not ok)

@@ -1,0 +1,502 @@
+"""Post-training int8 quantization of a Relax module: ``int8`` compute and ``int8-weights`` (int8 storage, fp16 compute).
+
+**int8** (:func:`quantize`). Every ``conv2d`` / ``matmul`` whose weight is a float32 constant becomes::
+
+    xq  = R.quantize(x, s_x, 0, out_dtype=uint8|int8)          # per-tensor activation scale from calibration
+    acc = R.nn.conv2d(xq, Wq, out_dtype="int32")              # Wq: int8 constant, symmetric per output channel
+    y   = R.multiply(R.astype(acc, "float32"), s_x * s_w)     # requantize to float: one (1,C,1,1) / (1,M) constant
+
+The bias add and ReLU that follow stay as they are; TVM's FuseOps fuses conv2d + astype + multiply + bias + relu
+into one kernel, so the requantization, bias and ReLU run in the convolution's epilogue. Activations between
+layers (residual adds, pooling) stay float32. Weights: ``s_w[c] = max|W[c]| / 127``, ``Wq = clip(round(W / s_w),
+-127, 127)``. Activations: a threshold ``T`` per tensor from calibration (:mod:`passes.calibration`),
+``s_x = T / 255`` with uint8 for a tensor that is provably non-negative from the IR (a ReLU output, through pooling,
+slicing, zero padding, reshapes, concat, sums of such) when the kernels multiply uint8 by int8 (x86 VNNI:
+``vpdpbusd``), else ``s_x = T / 127`` with int8. Layers named in ``keep`` stay float32 (recorded in the report).
+
+**int8-weights** (:func:`quantize_weights`), on an fp16 module (``ToMixedPrecision``): every conv2d / matmul weight
+constant is stored int8 per output channel and dequantized in front of the fp16 conv2d. The dequantize and the
+conv2d are wrapped in one private ``Primitive`` Relax function per layer, so the build pipelines' FoldConstant
+cannot fold the dequantize back into an fp16 constant; FuseTIR turns each into one kernel that reads int8 weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from passes import calibration as calib
+
+__all__ = [
+    "QuantConfig", "Layer", "Calibration", "config_for", "find_layers", "calibrate", "quantize",
+    "quantize_weights", "quantize_weight", "constant_bytes", "DEFAULT_KEEP",
+]
+
+DEFAULT_KEEP = ("first", "last")
+_KEEP_WORDS = ("first", "last", "none")
+_NONNEG_PASSTHROUGH = {
+    "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.strided_slice",
+    "relax.reshape", "relax.flatten", "relax.mean", "relax.sum", "relax.max", "relax.permute_dims",
+    "relax.squeeze", "relax.expand_dims", "relax.nn.dropout",
+}
+
+
+def _op_name(expr) -> str | None:
+    if isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op):
+        return str(expr.op.name)
+    return None
+
+
+def _is_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.ty, relax.TensorType)
+
+
+def _dtype(expr) -> str | None:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _const(arr: np.ndarray):
+    return relax.const(np.ascontiguousarray(arr), str(arr.dtype))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How :func:`quantize` quantizes. ``keep``: layers left in float32 - ``"first"`` (layers reading a function
+    parameter: the normalized image), ``"last"`` (the last conv2d/matmul: the classifier), layer names
+    (``conv2d0``, ``matmul0``, ...) or ``"none"``."""
+
+    method: str = calib.DEFAULT_METHOD
+    percentile: float = calib.DEFAULT_PERCENTILE
+    unsigned_activations: bool = True
+    keep: tuple = DEFAULT_KEEP
+
+    def __post_init__(self):
+        if self.method not in calib.METHODS:
+            raise ValueError(f"unknown calibration method '{self.method}': one of {', '.join(calib.METHODS)}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError("percentile must be in (0, 100]")
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "percentile": self.percentile if self.method == "percentile" else None,
+                "unsigned_activations": self.unsigned_activations, "keep": list(self.keep)}
+
+
+def config_for(spec, **overrides) -> QuantConfig:
+    """The configuration for a target (:class:`targets.TargetSpec`): uint8 activations where the int8 kernels
+    multiply uint8 by int8 (x86 VNNI ``vpdpbusd``); int8 x int8 elsewhere (CUDA ``dp4a``/IMMA, Arm ``sdot``)."""
+    import platform
+
+    x86 = spec.kind == "cpu" and not spec.cross_compiled and platform.machine() in ("x86_64", "AMD64")
+    return replace(QuantConfig(unsigned_activations=x86), **overrides)
+
+
+# ---------------------------------------------------------------- layers
+
+
+@dataclass
+class Layer:
+    """A quantizable conv2d / matmul binding of one function."""
+
+    index: int  # program order among the function's quantizable layers
+    op: str  # "conv2d" | "matmul"
+    ordinal: int  # program order among layers of the same op
+    var: relax.Var
+    call: tvm.ir.Call
+    x: relax.Expr
+    weight: np.ndarray
+    nonneg: bool  # the input is provably >= 0
+    reads_param: bool  # the input is a parameter of the function
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}{self.ordinal}"
+
+    @property
+    def out_axis(self) -> int:
+        return 0 if self.op == "conv2d" else 1  # OIHW / (K, M)
+
+    @property
+    def macs_per_output(self) -> int:
+        w = self.weight
+        return int(np.prod(w.shape[1:])) if self.op == "conv2d" else int(w.shape[0])
+
+
+def _nonneg_vars(func: relax.Function) -> set:
+    """Vars of ``func`` whose value is provably >= 0 everywhere (a forward pass over the bindings)."""
+    out = set()
+
+    def nn(e) -> bool:
+        if isinstance(e, relax.Var):
+            return e in out
+        if _is_const(e):
+            return bool(np.all(e.value.numpy() >= 0))
+        return False
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                continue
+            v, name = b.value, _op_name(b.value)
+            ok = False
+            if isinstance(v, relax.Var):
+                ok = nn(v)
+            elif name == "relax.nn.relu":
+                ok = True
+            elif name in _NONNEG_PASSTHROUGH:
+                ok = nn(v.args[0])
+            elif name == "relax.nn.pad":
+                ok = nn(v.args[0]) and float(v.attrs.pad_value) >= 0
+            elif name in ("relax.add", "relax.multiply", "relax.maximum"):
+                ok = nn(v.args[0]) and nn(v.args[1])
+            elif name == "relax.concat" and isinstance(v.args[0], relax.Tuple):
+                ok = all(nn(f) for f in v.args[0].fields)
+            if ok:
+                out.add(b.var)
+    return out
+
+
+def find_layers(func: relax.Function, weight_dtype: str = "float32") -> list[Layer]:
+    """The conv2d (NCHW/OIHW) and 2-D matmul bindings of ``func`` with a constant ``weight_dtype`` weight."""
+    nonneg = _nonneg_vars(func)
+    params = set(func.params)
+    layers, per_op = [], {"conv2d": 0, "matmul": 0}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                continue
+            call, name = b.value, _op_name(b.value)
+            if name not in ("relax.nn.conv2d", "relax.matmul"):
+                continue
+            x, w = call.args[0], call.args[1]
+            if not _is_const(w) or _dtype(w) != weight_dtype or _dtype(x) != weight_dtype:
+                continue
+            if not isinstance(x, relax.Var):
+                continue
+            if name == "relax.nn.conv2d":
+                a = call.attrs
+                if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+                    continue
+                op = "conv2d"
+            else:
+                if len(w.ty.shape.values) != 2 or len(x.ty.shape.values) != 2:
+                    continue
+                op = "matmul"
+            layers.append(Layer(len(layers), op, per_op[op], b.var, call, x, w.value.numpy(), x in nonneg,
+                                x in params))
+            per_op[op] += 1
+    return layers
+
+
+def _kept(layers: list[Layer], keep) -> dict:
+    """{layer index: reason} for the layers ``keep`` leaves in higher precision."""
+    out = {}
+    names = {l.name: l for l in layers}
+    for k in keep:
+        if k == "none":
+            continue
+        if k == "first":
+            for l in layers:
+                if l.reads_param:
+                    out[l.index] = ("first layer: its input is the normalized image (signed, 3 channels); "
+                                    f"{100 * _mac_share(layers, l):.2f}% of the MACs")
+        elif k == "last":
+            if layers:
+                l = layers[-1]
+                out[l.index] = ("last layer (classifier): its output is the logits; "
+                                f"{100 * _mac_share(layers, l):.2f}% of the MACs")
+        elif k in names:
+            out[names[k].index] = "named in keep"
+        else:
+            raise ValueError(f"keep: unknown layer '{k}' (layers: {', '.join(names)}; or {', '.join(_KEEP_WORDS)})")
+    return out
+
+
+def _mac_share(layers: list[Layer], layer: Layer) -> float:
+    def macs(l):
+        n_out = np.prod([int(v) for v in l.var.ty.shape.values])
+        return float(n_out) * l.macs_per_output
+
+    total = sum(macs(l) for l in layers)
+    return macs(layer) / total if total else 0.0
+
+
+# ---------------------------------------------------------------- weights
+
+
+def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 along ``axis``: (``Wq`` int8 in [-127, 127], scales float32 of length
+    ``w.shape[axis]``) with ``W ~= Wq * scale``; an all-zero channel gets scale 1 (and Wq 0)."""
+    w = np.asarray(w, dtype=np.float64)
+    red = tuple(a for a in range(w.ndim) if a != axis)
+    amax = np.abs(w).max(axis=red) if red else np.abs(w)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.astype(np.float64).reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """Histograms of the calibrated layer inputs of one function (see :func:`calibrate`)."""
+
+    func_name: str
+    layer_names: list  # names of the layers in program order (a check that the module still matches)
+    histograms: dict  # layer name -> calibration.Histogram (layers sharing an input share the histogram)
+    images: int
+    batch: int
+
+    def threshold(self, name: str, config: QuantConfig, unsigned: bool) -> float:
+        return self.histograms[name].threshold(config.method, 256 if unsigned else 128, config.percentile)
+
+
+def calibrate(mod: tvm.IRModule, images: np.ndarray, *, func_name: str = "main", target=None,
+              progress=None) -> Calibration:
+    """Run the fp32 ``mod`` on ``images`` (float32 NCHW, normalized) and histogram the input of every
+    quantizable layer of ``func_name``. One run serves every method and keep option (:class:`QuantConfig`)."""
+    func = mod[func_name]
+    layers = find_layers(func)
+    if not layers:
+        raise ValueError(f"{func_name} has no float32 conv2d/matmul with a constant weight to quantize")
+    inputs, index = [], {}
+    for l in layers:
+        if l.x not in index:
+            index[l.x] = len(inputs)
+            inputs.append(l.x)
+    got = calib.collect(mod, inputs, images, func_name=func_name, target=target, progress=progress)
+    hists = {l.name: got.histograms[index[l.x]] for l in layers}
+    return Calibration(func_name, [l.name for l in layers], hists, got.images, got.batch)
+
+
+# ---------------------------------------------------------------- int8 rewrite
+
+
+@dataclass
+class _Plan:
+    # binding var -> (Layer, act dtype, s_x, Wq, s_w)
+    rewrites: dict = field(default_factory=dict)
+
+
+@mutator
+class _Int8Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, plan: _Plan):
+        super().__init__(mod)
+        self.plan = plan
+        self.binding = None
+        self.quantized = {}  # (new x, dtype, scale) -> quantized var: one quantize per shared input
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        self.binding = binding
+        try:
+            super().visit_var_binding_(binding)
+        finally:
+            self.binding = None
+
+    def visit_call_(self, call):
+        b = self.binding
+        if b is None or not call.same_as(b.value) or b.var not in self.plan.rewrites:
+            return super().visit_call_(call)
+        layer, act_dtype, s_x, wq, s_w = self.plan.rewrites[b.var]
+        x = self.visit_expr(layer.x)
+        key = (x, act_dtype, float(s_x))
+        xq = self.quantized.get(key)
+        if xq is None:
+            xq = self.builder_.emit(relax.op.quantize(x, relax.const(np.float32(s_x), "float32"),
+                                                      relax.const(0, act_dtype), axis=1, out_dtype=act_dtype))
+            self.quantized[key] = xq
+        if layer.op == "conv2d":
+            a = call.attrs
+            acc = relax.op.nn.conv2d(xq, _const(wq), strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                     groups=int(a.groups), out_dtype="int32")
+            shape = (1, -1, 1, 1)
+        else:
+            acc = relax.op.matmul(xq, _const(wq), out_dtype="int32")
+            shape = (1, -1)
+        acc = self.builder_.emit(acc)
+        real = self.builder_.emit(relax.op.astype(acc, "float32"))
+        requant = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32).reshape(shape)
+        return relax.op.multiply(real, _const(requant))
+
+
+def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | None = None) -> tuple[tvm.IRModule, dict]:
+    """int8 compute for ``calibration.func_name`` of ``mod`` (the fp32 module that was calibrated, or one with the
+    same layers: e.g. the same IR at another batch size). Returns ``(new_mod, report)``; ``mod`` is unchanged.
+
+    ``report``: the scheme, the calibration (method, images), and one row per layer: name, op, weight shape,
+    precision (``int8`` or ``fp32`` with the reason it was kept), activation dtype, threshold and scale."""
+    config = config or QuantConfig()
+    func_name = calibration.func_name
+    func = mod[func_name]
+    layers = find_layers(func)
+    if [l.name for l in layers] != calibration.layer_names:
+        raise ValueError("the module's layers differ from the calibrated module's")
+    kept = _kept(layers, config.keep)
+    plan, rows = _Plan(), []
+    for l in layers:
+        row = {"name": l.name, "op": l.op, "weight_shape": list(l.weight.shape)}
+        if l.index in kept:
+            row.update(precision="fp32", reason=kept[l.index])
+            rows.append(row)
+            continue
+        unsigned = bool(config.unsigned_activations and l.nonneg)
+        act_dtype, qmax = ("uint8", 255.0) if unsigned else ("int8", 127.0)
+        t = calibration.threshold(l.name, config, unsigned)
+        h = calibration.histograms[l.name]
+        if t <= 0.0:
+            t = 1.0  # an all-zero input: any scale gives exact zeros
+        s_x = np.float32(t / qmax)
+        wq, s_w = quantize_weight(l.weight, l.out_axis)
+        plan.rewrites[l.var] = (l, act_dtype, s_x, wq, s_w)
+        row.update(precision="int8", activation_dtype=act_dtype, threshold=float(t), scale=float(s_x),
+                   observed_min=float(h.min), observed_max=float(h.max),
+                   clipped_fraction=_clipped(h, t))
+        rows.append(row)
+    new_mod = _apply_plan(mod, func_name, plan)
+    report = {
+        "scheme": ("weights int8 symmetric per output channel; activations per tensor, zero point 0 "
+                   "(uint8 when provably non-negative and the kernels take uint8, else int8); int32 accumulation; "
+                   "requantize to float32 (acc * s_x * s_w[c]) fused with bias and ReLU"),
+        "calibration": {"method": config.method,
+                        "percentile": config.percentile if config.method == "percentile" else None,
+                        "images": calibration.images, "batch": calibration.batch,
+                        "run": "fp32 Relax module, default CPU pipeline"},
+        "unsigned_activations": config.unsigned_activations,
+        "keep": list(config.keep),
+        "kept": [{"layer": r["name"], "reason": r["reason"]} for r in rows if r["precision"] != "int8"],
+        "layers": rows,
+        "int8_layers": sum(r["precision"] == "int8" for r in rows),
+        "constant_bytes": {"before": constant_bytes(mod), "after": constant_bytes(new_mod)},
+    }
+    return new_mod, report
+
+
+def _clipped(h: calib.Histogram, t: float) -> float:
+    hist, width = h.trimmed()
+    if width == 0 or hist.sum() == 0:
+        return 0.0
+    k = int(np.floor(t / width))
+    return float(hist[k + 1:].sum() / hist.sum()) if k + 1 < len(hist) else 0.0
+
+
+def _apply_plan(mod, func_name, plan):
+    if not plan.rewrites:
+        return mod
+    rw = _Int8Rewriter(mod, plan)
+    gv = mod.get_global_var(func_name)
+    new_func = rw.visit_expr(mod[func_name])
+    rw.builder_.update_func(gv, new_func)
+    return rw.builder_.get()
+
+
+# ---------------------------------------------------------------- int8-weights (fp16 compute)
+
+
+@mutator
+class _WeightRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, rewrites: dict, dtype: str):
+        super().__init__(mod)
+        self.rewrites = rewrites  # binding var -> (Layer, Wq, scale)
+        self.dtype = dtype
+        self.binding = None
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        self.binding = binding
+        try:
+            super().visit_var_binding_(binding)
+        finally:
+            self.binding = None
+
+    def visit_call_(self, call):
+        b = self.binding
+        if b is None or not call.same_as(b.value) or b.var not in self.rewrites:
+            return super().visit_call_(call)
+        layer, wq, scale = self.rewrites[b.var]
+        x = self.visit_expr(layer.x)
+        shape = [1] * wq.ndim
+        shape[layer.out_axis] = -1
+        s = scale.astype(self.dtype).reshape(shape)
+        gv = self.builder_.add_func(_dequant_layer_func(layer, x, wq, s, self.dtype), f"dequantize_{layer.op}")
+        return relax.Call(gv, [x, _const(wq), _const(s)])
+
+
+def _dequant_layer_func(layer: Layer, x, wq: np.ndarray, s: np.ndarray, dtype: str) -> relax.Function:
+    """``fn(x, wq, s) = op(x, astype(wq, dtype) * s)``: a private Primitive function (FuseTIR makes it one kernel)."""
+    bb = relax.BlockBuilder()
+    px = relax.Var("x", x.ty)
+    pw = relax.Var("w", relax.TensorType(wq.shape, "int8"))
+    ps = relax.Var("s", relax.TensorType(s.shape, dtype))
+    call = layer.call
+    with bb.function("f", [px, pw, ps], attrs={"Primitive": True}, private=True):
+        with bb.dataflow():
+            w = bb.emit(relax.op.multiply(relax.op.astype(pw, dtype), ps))
+            if layer.op == "conv2d":
+                a = call.attrs
+                y = relax.op.nn.conv2d(px, w, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                       groups=int(a.groups), out_dtype=str(a.out_dtype) or dtype)
+            else:
+                y = relax.op.matmul(px, w, out_dtype=str(call.attrs.out_dtype) or dtype)
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()["f"]
+
+
+def quantize_weights(mod: tvm.IRModule, dtype: str = "float16", func_name: str = "main") -> tuple[tvm.IRModule, dict]:
+    """int8-stored weights for the ``dtype`` conv2d/matmul layers of an fp16 module (run ``ToMixedPrecision`` +
+    ``FoldConstant`` first). Returns ``(new_mod, report)``; activations and arithmetic stay ``dtype``."""
+    func = mod[func_name]
+    layers = find_layers(func, weight_dtype=dtype)
+    rewrites, rows = {}, []
+    for l in layers:
+        wq, scale = quantize_weight(l.weight, l.out_axis)
+        rewrites[l.var] = (l, wq, scale)
+        err = float(np.abs(wq.astype(np.float64) * scale.reshape(
+            [-1 if a == l.out_axis else 1 for a in range(wq.ndim)]) - l.weight.astype(np.float64)).max())
+        rows.append({"name": l.name, "op": l.op, "weight_shape": list(l.weight.shape), "precision": "int8-weights",
+                     "max_weight_error": err})
+    if rewrites:
+        rw = _WeightRewriter(mod, rewrites, dtype)
+        gv = mod.get_global_var(func_name)
+        new_func = rw.visit_expr(mod[func_name])
+        rw.builder_.update_func(gv, new_func)
+        new_mod = rw.builder_.get()
+    else:
+        new_mod = mod
+    report = {
+        "scheme": (f"weights stored int8 symmetric per output channel, dequantized to {dtype} inside each layer's "
+                   f"kernel; {dtype} activations and arithmetic"),
+        "layers": rows,
+        "constant_bytes": {"before": constant_bytes(mod), "after": constant_bytes(new_mod)},
+    }
+    return new_mod, report
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def constant_bytes(mod: tvm.IRModule) -> dict:
+    """Bytes of the tensor constants in the Relax functions of ``mod``, in total and by dtype (each constant
+    object counted once)."""
+    seen, by_dtype = set(), {}
+
+    def visit(e):
+        if _is_const(e) and e not in seen:
+            seen.add(e)
+            arr = e.value.numpy()
+            by_dtype[str(arr.dtype)] = by_dtype.get(str(arr.dtype), 0) + int(arr.nbytes)
+
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f, visit)
+    return {"total": sum(by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items()))}

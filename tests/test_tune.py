@@ -1,0 +1,339 @@
+"""The tune verb and tuning databases, with a real TVM RPC tracker and server on 127.0.0.1 (no mocks).
+
+One short MetaSchedule run of ResNet8 goes through the tracker to the server; its database is then applied by
+the build's compile hook (targets.compile_module) and the tuned module must still match PyTorch. Around it:
+refusing logs made for another target / model / variant, a torn database line, the variant name, resuming
+through the CLI, and an unreachable tracker failing fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler import cli, tuning
+from compiler.checkpoint import save_checkpoint
+from compiler.errors import UserError
+from compiler.models import build_model
+
+KEY = "tune-test"
+TRIALS = 12  # ResNet8 has 12 kernels: one trial each (trials-per-iter 1)
+POPULATION = 16  # a small evolutionary search: this is a plumbing test, not a tuning run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server forks a child per session: stop its whole group
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def rpc_farm():
+    """A TVM RPC tracker and one server under KEY, both on 127.0.0.1 with free ports."""
+    from compiler.tune import servers_for_key, tracker_summary
+
+    port = free_port()
+    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                      "--port-end", str(port + 1), "--silent"])
+    server = None
+    try:
+        deadline = time.monotonic() + 120  # `import tvm` alone takes seconds on a busy machine
+        while True:
+            if tracker.poll() is not None:
+                pytest.fail(f"rpc_tracker exited: {tracker.stderr.read().decode()[-2000:]}")
+            try:
+                tracker_summary("127.0.0.1", port, timeout=2)
+                break
+            except UserError:
+                if time.monotonic() > deadline:
+                    pytest.fail("rpc_tracker did not come up")
+                time.sleep(0.5)
+        sport = free_port()
+        server = _start(["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY,
+                         "--host", "127.0.0.1", "--port", str(sport), "--port-end", str(sport + 50)])
+        while servers_for_key(tracker_summary("127.0.0.1", port, timeout=2), KEY) < 1:
+            if server.poll() is not None:
+                pytest.fail(f"rpc_server exited: {server.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("rpc_server did not register with the tracker")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        if server is not None:
+            _stop(server)
+        _stop(tracker)
+
+
+@pytest.fixture(scope="module")
+def resnet8(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet8").eval()
+    randomize_bn(model)
+    path = tmp_path_factory.mktemp("ck") / "r8.pt"
+    save_checkpoint(path, "resnet8", model, "cifar")
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def host():
+    import targets
+
+    return targets.get("host")
+
+
+@pytest.fixture(scope="module")
+def lowered(resnet8):
+    from compiler.build import lower
+
+    _dense, mod, _report = lower(resnet8[0], 1, "fp32")
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tuned(rpc_farm, lowered, host, tmp_path_factory):
+    """One short tuning run through the tracker into a fresh database folder."""
+    from compiler.tune import tune_module
+
+    directory = tmp_path_factory.mktemp("logs") / "host" / "resnet8-db"
+    t0 = time.perf_counter()
+    result = tune_module(lowered, host, "resnet8", "fp32", 1, TRIALS, directory=directory, tracker=rpc_farm,
+                         key=KEY, trials_per_iter=1, population=POPULATION, seed=0, show_progress=False)
+    result["wall"] = time.perf_counter() - t0
+    return result
+
+
+def test_unreachable_tracker_fails_fast(capsys, resnet8):
+    port = free_port()  # nothing listens there
+    t0 = time.perf_counter()
+    rc = cli.main(["tune", "--target", "host", "--checkpoint", str(resnet8[1]), "--trials", "4",
+                   "--tracker", f"127.0.0.1:{port}", "--key", KEY])
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"cannot reach the RPC tracker at 127.0.0.1:{port}" in err and "rpc_tracker" in err
+    assert took < 20
+
+
+def test_silent_tracker_times_out():
+    """Something that accepts the connection but never speaks: bounded by the socket timeout, not TVM's 60 s."""
+    from compiler.tune import check_tracker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        t0 = time.perf_counter()
+        with pytest.raises(UserError, match="did not answer"):
+            check_tracker(f"127.0.0.1:{s.getsockname()[1]}", KEY, timeout=2)
+        assert time.perf_counter() - t0 < 10
+
+
+def test_no_server_under_key(rpc_farm):
+    from compiler.tune import check_tracker
+
+    assert check_tracker(rpc_farm, KEY) == 1
+    with pytest.raises(UserError, match="no RPC server is registered under key 'nobody'.*rpc_server"):
+        check_tracker(rpc_farm, "nobody")
+    with pytest.raises(UserError, match="HOST:PORT"):
+        check_tracker("localhost", KEY)
+
+
+def test_rpc_tuning_writes_database_that_build_applies(tuned, lowered, resnet8, host):
+    import targets
+    import tvm
+    from tvm import relax
+
+    from compiler.build import run_module
+
+    directory = Path(tuned["log_dir"])
+    assert (directory / tuning.WORKLOAD_FILE).is_file() and (directory / tuning.RECORD_FILE).is_file()
+    assert tuned["trials"] == TRIALS and tuned["trials_total"] == TRIALS
+    assert tuned["runner"].startswith("rpc 127.0.0.1:")
+    assert tuned["tasks_in_db"] >= len(tuned["tasks"]) - 2, tuned["tasks"]  # a kernel may fail its one trial
+    meta = json.loads((directory / tuning.META_FILE).read_text())
+    assert meta["target"]["name"] == "host" and meta["model"] == "resnet8"
+    assert meta["variant"] == tuned["variant"] == tuning.variant_of(lowered, "fp32")
+    assert meta["trials"] == TRIALS and meta["sessions"][-1]["completed"]
+    assert json.loads(json.dumps(meta)) == meta
+
+    db, info = tuning.find_database(host, "resnet8", tuned["variant"], explicit_dir=directory)
+    assert db is not None and info["tasks_in_db"] == tuned["tasks_in_db"] and len(info["sha256"]) == 64
+    applied = tuning.tasks_applied(lowered, host, db)
+    assert applied["tasks"] == len(tuned["tasks"])
+    assert applied["applied"] == tuned["tasks_in_db"], applied
+
+    # the build's own pipeline applies the same schedules (its legalize half must match ours for that)
+    with host.tvm_target():
+        final = targets.relax_pipeline(host, db)(lowered)
+    scheduled = [gv.name_hint for gv, f in final.functions_items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs]
+    assert len(scheduled) >= applied["applied"] > 0
+
+    executable = targets.compile_module(lowered, host, database=db)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    with torch.inference_mode():
+        ref = resnet8[0](x).numpy()
+    got = run_module(executable, x.numpy(), 1)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+    # and MetaSchedule's own compile_relax reads the same database
+    from tvm.s_tir.meta_schedule.relax_integration import compile_relax
+
+    vm = relax.VirtualMachine(compile_relax(db, lowered, host.tvm_target(), params=None), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x[:1].numpy())).numpy()
+    np.testing.assert_allclose(out, ref[:1], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_through_the_cli_continues_the_database(tuned, resnet8, capsys):
+    """The same command again (here with the local runner) appends to the same database."""
+    directory = Path(tuned["log_dir"])
+    rc = cli.main(["tune", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
+                   "--trials", "2", "--trials-per-iter", "1", "--population", str(POPULATION),
+                   "--log-dir", str(directory), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result) >= {"log_dir", "tasks", "trials", "seconds", "variant"}
+    assert result["variant"] == tuned["variant"] and result["trials"] == 2
+    assert result["trials_total"] == TRIALS + 2
+    meta = json.loads((directory / tuning.META_FILE).read_text())
+    assert meta["trials"] == TRIALS + 2 and len(meta["sessions"]) == 2 and meta["sessions"][1]["runner"] == "local"
+    assert "task" in out and "best_ms" in out  # the summary table
+
+
+def _fake_log(directory: Path, spec, model: str, variant: str) -> Path:
+    import tvm
+
+    directory.mkdir(parents=True)
+    tuning.write_meta(directory, tuning.new_meta(spec, tvm.target.Target(spec.target_json()), model, variant,
+                                                 "fp32", 1, [], []))
+    (directory / tuning.WORKLOAD_FILE).write_text("")
+    (directory / tuning.RECORD_FILE).write_text("")
+    return directory
+
+
+def test_logs_for_another_target_model_or_variant_are_refused(tmp_path, host, lowered):
+    import targets
+
+    from compiler.tune import tune_module
+
+    variant = tuning.variant_of(lowered, "fp32")
+    tx2 = _fake_log(tmp_path / "tx2", targets.get("jetson-tx2"), "resnet8", variant)
+    with pytest.raises(UserError, match="tuned for target 'jetson-tx2', not 'host'"):
+        tuning.find_database(host, "resnet8", variant, explicit_dir=tx2)
+    other_model = _fake_log(tmp_path / "r20", host, "resnet20", variant)
+    with pytest.raises(UserError, match="tuned for model 'resnet20', not 'resnet8'"):
+        tuning.find_database(host, "resnet8", variant, explicit_dir=other_model)
+    other_variant = _fake_log(tmp_path / "var", host, "resnet8", "fp32-00000000")
+    with pytest.raises(UserError, match="variant fp32-00000000"):
+        tuning.find_database(host, "resnet8", variant, explicit_dir=other_variant)
+    # tune refuses to append to them too, before any tuning starts
+    with pytest.raises(UserError, match="tuned for model 'resnet20'"):
+        tune_module(lowered, host, "resnet8", "fp32", 1, 4, directory=other_model)
+    # a database folder without meta.json cannot be checked: refused
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / tuning.WORKLOAD_FILE).write_text("")
+    (bare / tuning.RECORD_FILE).write_text("")
+    with pytest.raises(UserError, match="no meta.json"):
+        tuning.find_database(host, "resnet8", variant, explicit_dir=bare)
+    with pytest.raises(UserError, match="does not exist"):
+        tuning.find_database(host, "resnet8", variant, explicit_dir=tmp_path / "missing")
+
+    # automatic lookup: nothing there -> untuned; host tuned on another CPU -> skipped with a note
+    db, info = tuning.find_database(host, "resnet8", variant, root=tmp_path / "root")
+    assert db is None and info["path"] is None and "untuned" in info["note"]
+    other_cpu = dataclasses.replace(host, device=dict(host.device, mcpu="some-other-cpu"))
+    _fake_log(tuning.log_dir("host", "resnet8", variant, tmp_path / "root"), other_cpu, "resnet8", variant)
+    db, info = tuning.find_database(host, "resnet8", variant, root=tmp_path / "root")
+    assert db is None and "some-other-cpu" in info["note"]
+
+
+def test_torn_last_line_is_repaired(tuned, tmp_path):
+    src = Path(tuned["log_dir"])
+    directory = tmp_path / "copy"
+    shutil.copytree(src, directory, ignore=shutil.ignore_patterns("logs", ".lock"))
+    before = tuning.summarize(directory)
+    records = (directory / tuning.RECORD_FILE).read_bytes()
+    last = records.rstrip(b"\n").split(b"\n")[-1]
+    (directory / tuning.RECORD_FILE).write_bytes(records + last[: len(last) // 2])  # killed mid-append
+    fixed = tuning.repair(directory)
+    assert fixed["dropped_lines"] == 1
+    assert (directory / tuning.RECORD_FILE).read_bytes() == records
+    # a complete last line that lost its newline gets it back (else the next append would glue onto it)
+    (directory / tuning.RECORD_FILE).write_bytes(records.rstrip(b"\n"))
+    tuning.repair(directory)
+    assert (directory / tuning.RECORD_FILE).read_bytes() == records
+    db = tuning.open_database(directory)
+    assert len(db.get_all_tuning_records()) == before["records"]
+    # a bad line in the middle is corruption, not a crash: refused
+    lines = records.split(b"\n")
+    (directory / tuning.RECORD_FILE).write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]))
+    with pytest.raises(UserError, match="corrupt"):
+        tuning.repair(directory)
+
+
+def test_variant_names_stripped_shapes_precision_and_batch(lowered, resnet8):
+    from compiler.build import lower
+
+    v = tuning.variant_of(lowered, "fp32")
+    assert v.startswith("fp32-") and len(v) == len("fp32-") + 8
+    first = tuning.shape_signature(lowered)[0]  # the stem conv: data (batch 1) and weight shapes
+    assert first[0] == "relax.nn.conv2d" and first[1][0] == [[1, 3, 32, 32], "float32"]
+    # other weights, same shapes: same variant (tuning depends on shapes only)
+    torch.manual_seed(1)
+    other = build_model("resnet8").eval()
+    randomize_bn(other, seed=1)
+    _d, mod_other, _r = lower(other, 1, "fp32")
+    assert tuning.variant_of(mod_other, "fp32") == v
+    # zeroed (pruned) filters strip to other shapes: another variant
+    with torch.no_grad():
+        for m in other.modules():
+            if hasattr(m, "conv1") and hasattr(m, "bn2"):
+                m.conv1.weight[: m.conv1.out_channels // 2] = 0
+                m.bn1.weight[: m.conv1.out_channels // 2] = 0
+                m.bn1.bias[: m.conv1.out_channels // 2] = 0
+    _d, mod_pruned, _r = lower(other, 1, "fp32")
+    assert tuning.variant_of(mod_pruned, "fp32") != v
+    assert tuning.variant_of(lowered, "fp16") != v.replace("fp32", "fp16")  # precision is in the hash too
+    assert tuning.log_dir("host", "resnet8", v, "/x") == Path("/x/host/resnet8-" + v)
+    with pytest.raises(UserError):
+        tuning.log_dir("../etc", "resnet8", v)
