@@ -21,6 +21,7 @@ VERBS = {
     "prune": ("compiler.prune.cli", "structured filter pruning with fine-tuning"),
     "targets": ("targets.cli", "list the named build targets"),
     "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
+    "bench": ("compiler.bench", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
     "tune": ("compiler.tune", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
 }
 

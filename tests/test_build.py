@@ -73,6 +73,12 @@ def test_host_build_strips_and_matches_pytorch(tmp_path, pruned_resnet20, tiny_c
     assert ra.returncode == 0 and rp.returncode == 0, ra.stderr + rp.stderr
     a, p = (json.loads(x.stdout.strip().splitlines()[-1]) for x in (ra, rp))
     assert a["n"] == p["n"] == 32 and a["top1"] == p["top1"]
+    # bench times the artifact and PyTorch eager on the same batch
+    rb = cli("bench", "--artifact", out, "--repeat", 3, "--number", 1, "--pytorch", pruned_resnet20, "--json")
+    assert rb.returncode == 0, rb.stderr
+    rows = json.loads(rb.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["engine"] for r in rows] == ["tvm", "pytorch"]
+    assert all(r["batch"] == 4 and r["runs"] == 3 and 0 < r["median_ms"] <= r["p90_ms"] for r in rows)
 
 
 def test_bad_inputs_leave_existing_artifact_alone(tmp_path, pruned_resnet20):

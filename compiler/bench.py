@@ -1,0 +1,82 @@
+"""``bench``: latency of a compiled artifact with TVM's time_evaluator (warm-up, repeats, median and p90).
+
+Runs an artifact built for this machine locally. The same numbers for PyTorch eager on the checkpoint the
+artifact was built from come with ``--pytorch CKPT`` (same batch, same process), so the two are comparable.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from compiler import artifact, cli, console
+from compiler.errors import UserError
+
+
+def configure(p) -> None:
+    p.add_argument("--artifact", required=True, metavar="DIR")
+    p.add_argument("--repeat", type=int, default=30, help="timed runs (each the median of --number calls)")
+    p.add_argument("--number", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pytorch", metavar="CKPT", help="also time PyTorch eager on this checkpoint, same batch")
+    cli.add_json_arg(p)
+
+
+def stats(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {"median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
+            "runs": len(ms)}
+
+
+def time_tvm(executable, batch: int, repeat: int, number: int, warmup: int) -> dict:
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(executable, dev)
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype("float32"), dev)
+    vm.set_input("main", x)
+    for _ in range(warmup):
+        vm.invoke_stateful("main")
+    f = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat, min_repeat_ms=0)
+    return stats(list(f("main").results))
+
+
+def time_pytorch(model, batch: int, repeat: int, number: int, warmup: int) -> dict:
+    import torch
+
+    x = torch.randn(batch, 3, 32, 32)
+    model.eval()
+    results = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        for _ in range(repeat):
+            t = time.perf_counter()
+            for _ in range(number):
+                model(x)
+            results.append((time.perf_counter() - t) / number)
+    return stats(results)
+
+
+def run(args) -> dict:
+    if args.repeat <= 0 or args.number <= 0:
+        raise UserError("--repeat and --number must be positive")
+    executable, manifest = artifact.load_local(args.artifact)
+    batch = manifest["input"]["shape"][0]
+    rows = [{"engine": "tvm", "model": manifest["model"], "precision": manifest["precision"], "batch": batch,
+             **time_tvm(executable, batch, args.repeat, args.number, args.warmup)}]
+    if args.pytorch:
+        import torch
+
+        from compiler import zoo
+
+        ckpt = zoo.load(manifest["model"], args.pytorch)
+        rows.append({"engine": "pytorch", "model": manifest["model"], "precision": "fp32", "batch": batch,
+                     "threads": torch.get_num_threads(),
+                     **time_pytorch(ckpt.model, batch, args.repeat, args.number, args.warmup)})
+    for r in rows:
+        r["images_per_s"] = round(1e3 * batch / r["median_ms"], 1)
+    print(console.table(rows, ["engine", "model", "precision", "batch", "median_ms", "p90_ms", "images_per_s"]))
+    return {"artifact": str(args.artifact), "target": manifest["target"]["name"], "rows": rows}
