@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
-import tempfile
+from dataclasses import dataclass
 import time
 from pathlib import Path
 
@@ -33,8 +33,21 @@ def configure(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="static batch size the module is compiled for")
     p.add_argument("--out", metavar="DIR", help="artifact folder (default: artifacts/<model>-<target>)")
     p.add_argument("--data", metavar="DIR", default=None,
-                   help="CIFAR-10 folder for verification images (default: env CIFAR10_DIR; random inputs if none)")
+                   help="CIFAR-10 folder: int8 calibration (training images) and verification (test images); "
+                        "default: env CIFAR10_DIR")
+    add_quantization_args(p)
     cli.add_json_arg(p)
+
+
+def add_quantization_args(p) -> None:
+    g = p.add_argument_group("int8 quantization")
+    g.add_argument("--calib-images", type=int, default=precision.DEFAULT_CALIB_IMAGES, metavar="N",
+                   help="training images for activation-range calibration (default %(default)s)")
+    g.add_argument("--calibration", choices=precision.CALIBRATION_METHODS, default=precision.DEFAULT_CALIBRATION,
+                   help="activation range: min/max, percentile or entropy (KL, as TensorRT) (default %(default)s)")
+    g.add_argument("--keep-fp32", default=",".join(precision.DEFAULT_KEEP), metavar="LAYERS",
+                   help="layers left in fp32: first, last, layer names such as conv2d3, or none "
+                        "(default %(default)s)")
 
 
 def _verification_inputs(data_dir: str | None, normalize: str, n: int) -> tuple[torch.Tensor, str]:
@@ -62,14 +75,40 @@ def run_module(executable, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def lower(model: torch.nn.Module, batch: int, prec: str):
-    """The target-independent half: import, strip zeroed channels, precision. Returns (dense, final, report)."""
+@dataclass
+class Lowered:
+    """The target-independent half of a build: what the target pipeline (and tuning) receives."""
+
+    dense: object  # Relax IRModule as imported (BN folded)
+    stripped: object  # after strip_zero_channels (fp32): what MACs and parameters are counted on
+    module: object  # after strip + precision
+    strip_report: list
+    quant_report: dict | None
+    calibration: str | None  # what the int8 calibration ran on
+
+
+def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=None, normalize="cifar",
+          calib_images: int = precision.DEFAULT_CALIB_IMAGES, calibration: str = precision.DEFAULT_CALIBRATION,
+          keep=precision.DEFAULT_KEEP, untrained: bool = False) -> Lowered:
+    """Import (BN folded) -> strip zeroed channels -> precision (int8: calibrated on training images)."""
     from compiler import frontend
     from passes.strip_zero_channels import strip_zero_channels
 
     dense = frontend.import_model(model, batch)
-    stripped, report = strip_zero_channels(dense)
-    return dense, precision.apply(stripped, prec), report
+    stripped, strip_report = strip_zero_channels(dense)
+    kwargs, calib_desc = {}, None
+    if precision.needs_calibration(prec):
+        images, calib_desc = precision.calibration_images(data_dir, normalize, calib_images, allow_random=untrained)
+        kwargs = {"calib_images": images, "spec": spec, "method": calibration, "keep": keep}
+        if batch < 64:  # calibrate on the same IR at a larger batch: far fewer runs of the untuned fp32 module
+            kwargs["calib_mod"] = strip_zero_channels(frontend.import_model(model, 64))[0]
+    module, quant_report = precision.apply_with_report(stripped, prec, **kwargs)
+    return Lowered(dense, stripped, module, strip_report, quant_report, calib_desc)
+
+
+def parse_keep(text: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    return () if items in ((), ("none",)) else items
 
 
 def build(args) -> dict:
@@ -77,6 +116,7 @@ def build(args) -> dict:
     import tvm
 
     from passes.analysis import count_flops
+    from passes.quantize import constant_bytes
 
     t_start = time.perf_counter()
     spec = targets.get(args.target)
@@ -97,16 +137,21 @@ def build(args) -> dict:
         ckpt = Checkpoint(name, build_model(name).eval(), args.normalize or data.DEFAULT_NORMALIZATION)
         weights_note = (f"no trained {name} is shipped with the package yet: built with UNTRAINED weights "
                         "(accuracy is chance); pass --checkpoint PATH for a real model")
-        console.progress().write(f"warning: {weights_note}")
+        console.warn(weights_note)
     prec, prec_reason = precision.choose(args.precision, spec)
     out = Path(args.out or f"artifacts/{ckpt.model_name}-{spec.name}")
 
     steps = console.progress(total=4, desc="build", unit="step", leave=False)
-    steps.set_postfix_str("import + strip")
-    dense, mod, strip_report = lower(ckpt.model, args.batch, prec)
-    flops_dense, flops_compiled = count_flops(dense), count_flops(mod)  # static batch: MACs of one whole batch
+    steps.set_postfix_str("import + strip" + (" + calibrate" if precision.needs_calibration(prec) else ""))
+    lowered = lower(ckpt.model, args.batch, prec, spec, data_dir=args.data, normalize=ckpt.normalize,
+                    calib_images=args.calib_images, calibration=args.calibration, keep=parse_keep(args.keep_fp32),
+                    untrained=weights_note is not None)
+    dense, mod, strip_report = lowered.dense, lowered.module, lowered.strip_report
+    # precision changes no MAC count; count on the fp32 IR (int8-weights wraps each conv2d in a function of its own)
+    flops_dense, flops_compiled = count_flops(dense), count_flops(lowered.stripped)  # static batch: whole batch
     for f in (flops_dense, flops_compiled):
         f["macs"] //= args.batch
+    bytes_dense, bytes_compiled = constant_bytes(dense)["total"], constant_bytes(mod)["total"]
     steps.update()
 
     steps.set_postfix_str(f"compile for {spec.name}")
@@ -125,9 +170,11 @@ def build(args) -> dict:
     max_abs_diff = float(np.abs(got - ref).max())
     tolerance = precision.TOLERANCE[prec] * max(1.0, float(np.abs(ref).max()))
     argmax_agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    if not np.isfinite(max_abs_diff) or max_abs_diff > tolerance:
-        raise UserError(f"compiled module differs from PyTorch by {max_abs_diff:.3g} (> tolerance {tolerance:.3g} "
-                        f"for {prec}); artifact not written")
+    min_agree = precision.VERIFY_ARGMAX.get(prec, 0.0)
+    if not np.isfinite(max_abs_diff) or max_abs_diff > tolerance or argmax_agree < min_agree:
+        raise UserError(f"compiled module differs from PyTorch by {max_abs_diff:.3g} (tolerance {tolerance:.3g} "
+                        f"for {prec}), argmax agreement {argmax_agree:.2f} (needs {min_agree:.2f}); "
+                        "artifact not written")
     steps.update()
 
     steps.set_postfix_str("write artifact")
@@ -151,12 +198,19 @@ def build(args) -> dict:
             "flops": {"unit": "multiply-accumulates per image, counted on the Relax IR",
                       "dense": flops_dense["macs"], "compiled": flops_compiled["macs"]},
             "params": {"dense": flops_dense["params"], "compiled": flops_compiled["params"]},
+            "weight_bytes": {"dense": bytes_dense, "compiled": bytes_compiled,
+                             "note": "bytes of the constants in the Relax IR (fp32 dense; compiled: after strip + precision)"},
             "strip": strip_report,
+            "quantization": None if lowered.quant_report is None else {
+                "calibration_images": lowered.calibration,
+                "method": args.calibration if lowered.calibration else None,
+                **lowered.quant_report},
             "tuning": {"database": None, "sha256": None, "tasks_applied": 0,
                        "note": "untuned: default schedules (see `python -m compiler tune`)"},
             "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "pruning": ckpt.pruning is not None,
                            "note": weights_note},
             "verification": {"max_abs_diff": max_abs_diff, "tolerance": tolerance, "argmax_agreement": argmax_agree,
+                             "argmax_agreement_required": min_agree,
                              "inputs": x_desc, "run_on": f"{host.name} ({platform.machine()})"},
             "artifact": {"file": LIBRARY, "sha256": fileio.sha256_file(tmp / LIBRARY), **(exported or {})},
             "tvm_version": tvm.__version__,
@@ -180,6 +234,9 @@ def run(args) -> dict:
         {"": "precision", "value": f"{m['precision']} - {m['precision_reason']}"},
         {"": "MACs dense -> compiled", "value": f"{dense:,} -> {comp:,} ({100 * (1 - comp / dense):.1f}% cut)"},
         {"": "params dense -> compiled", "value": f"{m['params']['dense']:,} -> {m['params']['compiled']:,}"},
+        {"": "weight bytes dense -> compiled",
+         "value": f"{m['weight_bytes']['dense']:,} -> {m['weight_bytes']['compiled']:,} "
+                  f"({m['weight_bytes']['dense'] / max(1, m['weight_bytes']['compiled']):.2f}x smaller)"},
         {"": "max |diff| vs PyTorch", "value": f"{m['verification']['max_abs_diff']:.3g} "
                                              f"(tol {m['verification']['tolerance']:.3g}, {m['verification']['run_on']})"},
         {"": "artifact", "value": str(Path(result["artifact"]) / LIBRARY)},
@@ -194,6 +251,8 @@ def run(args) -> dict:
         "flops_compiled": comp,
         "params_dense": m["params"]["dense"],
         "params_compiled": m["params"]["compiled"],
+        "weight_bytes_dense": m["weight_bytes"]["dense"],
+        "weight_bytes_compiled": m["weight_bytes"]["compiled"],
         "max_abs_diff": m["verification"]["max_abs_diff"],
         "untrained": bool(m["checkpoint"]["note"]),
     }

@@ -18,6 +18,11 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def warn(message: str) -> None:
+    """A one-line warning on stderr (through tqdm, so an active progress bar is not torn)."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def table(rows: list[dict], columns: list[str] | None = None, title: str | None = None) -> str:
     """Render dicts as an aligned text table (numbers right-aligned)."""
     if not rows:

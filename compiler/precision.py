@@ -25,7 +25,7 @@ FALLBACK: dict = {}
 
 DEFAULT_CALIB_IMAGES = 512
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-DEFAULT_CALIBRATION = "entropy"
+DEFAULT_CALIBRATION = "minmax"
 DEFAULT_KEEP = ("first", "last")
 
 
@@ -75,13 +75,15 @@ def calibration_images(data_dir, normalize: str, n: int = DEFAULT_CALIB_IMAGES, 
 
 def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.ndarray | None = None,
                       spec=None, method: str = DEFAULT_CALIBRATION, keep=DEFAULT_KEEP,
-                      percentile: float | None = None) -> tuple[tvm.IRModule, dict | None]:
+                      percentile: float | None = None, calib_mod: tvm.IRModule | None = None,
+                      ) -> tuple[tvm.IRModule, dict | None]:
     """``mod`` in ``precision``, and the quantization report (None for fp32 / fp16).
 
     int8: ``calib_images`` (float32 NCHW, normalized: :func:`calibration_images`) are run through the fp32 ``mod``
     on this CPU; ``spec`` (the build target) chooses the activation signedness (uint8 on x86 VNNI, int8 elsewhere);
     ``method`` one of :data:`CALIBRATION_METHODS`; ``keep`` the layers left fp32 (``first``, ``last``, layer names
-    such as ``conv2d3``, or ``none``)."""
+    such as ``conv2d3``, or ``none``); ``calib_mod``: the same fp32 IR at a larger batch to run the calibration on
+    (faster than ``mod`` at batch 1; its layers must match ``mod``'s)."""
     if precision == "fp32":
         return mod, None
     if precision == "fp16":
@@ -100,7 +102,7 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
             overrides["percentile"] = percentile
         config = q.config_for(spec, **overrides) if spec is not None else q.QuantConfig(**overrides)
         try:
-            cal = q.calibrate(mod, calib_images)
+            cal = q.calibrate(calib_mod if calib_mod is not None else mod, calib_images)
             return q.quantize(mod, cal, config)
         except ValueError as e:
             raise UserError(f"int8 quantization: {e}") from None
@@ -123,5 +125,5 @@ def _fp16(mod: tvm.IRModule) -> tvm.IRModule:
 
 # verification tolerance on the logits, relative to max(1, their largest magnitude); int8 also checks the argmax
 # agreement (VERIFY_ARGMAX) because a calibrated int8 model is judged by its decisions, not by bit-level closeness
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8-weights": 5e-2, "int8": 0.25}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8-weights": 5e-2, "int8": 0.15}
 VERIFY_ARGMAX = {"int8": 0.75}

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ def configure(p) -> None:
     p.add_argument("--precision", default="auto", choices=precision.CHOICES,
                    help="as for build: the tuned module must be the one build compiles")
     p.add_argument("--batch", type=int, default=1, help="static batch size (as for build)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="CIFAR-10 folder for int8 calibration, as for build (default: env CIFAR10_DIR)")
     p.add_argument("--trials", type=int, required=True,
                    help="measurements to run in this session (added to what the database already holds)")
     p.add_argument("--tracker", metavar="HOST:PORT",
@@ -55,6 +58,9 @@ def configure(p) -> None:
                    help="candidates the evolutionary search evolves per round (default 512, MetaSchedule's; "
                         "smaller rounds are faster on a slow or busy machine and find less)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the search")
+    from compiler.build import add_quantization_args
+
+    add_quantization_args(p)  # int8: the same calibration options as build, so the same module is tuned
     cli.add_json_arg(p)
 
 
@@ -241,6 +247,8 @@ class _Progress:
                                     disable=None if show else True)
         self.on_update = on_update
         self._last_save = 0.0
+        self._last_line = time.monotonic()
+        self.stop_requested = False
 
     def measured(self, task_id: int, builder_results, runner_results) -> None:
         for b, r in zip(builder_results, runner_results):
@@ -254,15 +262,49 @@ class _Progress:
                 self.errors[task_id] += 1
         self.bar.update(len(runner_results))
         best = self.best[task_id]
-        self.bar.set_postfix_str(f"task {task_id + 1}/{len(self.names)} {self.names[task_id]}: "
-                                 + (f"best {best * 1e3:.4g} ms" if best is not None else "no valid run yet"))
+        status = (f"task {task_id + 1}/{len(self.names)} {self.names[task_id]}: "
+                  + (f"best {best * 1e3:.4g} ms" if best is not None else "no valid run yet"))
+        self.bar.set_postfix_str(status)
         now = time.monotonic()
+        if self.bar.disable and now - self._last_line > 30.0:  # no terminal (a log file): a line now and then
+            self._last_line = now
+            print(f"tune: {sum(self.trials)}/{self.bar.total} trials, {status}", file=sys.stderr, flush=True)
         if now - self._last_save > 5.0:
             self._last_save = now
             self.on_update()
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _Stop(Exception):
+    """Raised from the measure callback to end tuning at a batch boundary after Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(progress: _Progress):
+    """The first Ctrl-C asks tuning to stop after the batch in flight (its records are then in the database);
+    a second one interrupts at once. An exception thrown from a signal handler into MetaSchedule's C++ threads,
+    xgboost or the FFI can crash the process (seen here: SIGSEGV), hence the flag."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if progress.stop_requested:
+            raise KeyboardInterrupt
+        progress.stop_requested = True
+        progress.bar.write("interrupt: stopping after the measurements in flight (Ctrl-C again to stop now)",
+                           file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _progress_callback(progress: _Progress):
@@ -274,10 +316,10 @@ def _progress_callback(progress: _Progress):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             try:
                 progress.measured(int(task_id), builder_results, runner_results)
-            except KeyboardInterrupt:
-                raise
             except Exception:  # noqa: BLE001 - progress must never stop tuning
                 pass
+            if progress.stop_requested:
+                raise _Stop("interrupted")  # unwinds TaskScheduler.tune; this batch is already in the database
 
     return ProgressCallback()
 
@@ -352,10 +394,10 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
                 tracker: str | None = None, key: str | None = None, timeout: float = 30.0,
                 trials_per_iter: int | None = None, num_cores: int | None = None, seed: int | None = None,
                 population: int | None = None, show_progress: bool = True) -> dict:
-    """Tune ``mod`` (the module build compiles: ``compiler.build.lower``'s final module) for ``spec``.
+    """Tune ``mod`` (the module build compiles: ``compiler.build.lower(...).module``) for ``spec``.
 
-    Returns ``log_dir``, ``variant``, ``tasks`` (per-task rows: name, weight, trials, best_ms), ``trials`` (this
-    session), ``trials_total`` (records in the database), ``seconds`` (this session), ``tasks_in_db``.
+    Returns ``log_dir``, ``variant``, ``tasks`` (per-task rows: name, weight, trials and errors of this session,
+    best_ms over the whole database), ``trials`` (this session), ``trials_total`` (records in the database), ``seconds`` (this session), ``tasks_in_db``.
     """
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
@@ -367,8 +409,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         raise UserError("--population must be at least 2")
     if (tracker is None) != (key is None):
         raise UserError("--tracker and --key go together")
-    runs_here = spec.kind == "cpu" and not spec.cross_compiled
-    if tracker is None and not runs_here:
+    if tracker is None and not _runs_here(spec):
         raise UserError(f"{spec.name} code cannot run on this machine: measure it on the board through a TVM RPC "
                         "tracker with --tracker HOST:PORT --key KEY (see tuning_logs/README.md)")
     servers = check_tracker(tracker, key) if tracker is not None else 0
@@ -402,7 +443,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
                    "target": tuning._target_dict(target), "completed": False}
         meta["sessions"] = [*meta.get("sessions", []), session]
         base_seconds = float(meta.get("seconds", 0.0))
-        database = tuning.open_database(directory, create=True)
+        database = tuning.open_database(directory, create=True, writer=True)
 
         def save(completed: bool = False) -> None:
             counts = tuning.summarize(directory)
@@ -422,14 +463,25 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         runner = make_runner(tracker, key, servers, timeout)
         completed = False
         try:
-            tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(directory),
-                max_trials_global=trials, num_trials_per_iter=per_iter,
-                builder=builder, runner=runner, database=database, cost_model="xgb",
-                measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(progress)],
-                task_scheduler="gradient",
-            )
+            with _stop_on_interrupt(progress):
+                tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=str(directory),
+                    max_trials_global=trials, num_trials_per_iter=per_iter,
+                    builder=builder, runner=runner, database=database, cost_model="xgb",
+                    # AddToDatabase (first of the defaults) has committed a batch before ours sees it
+                    measure_callbacks=[*ms.MeasureCallback.create("default"), _progress_callback(progress)],
+                    task_scheduler="gradient",
+                )
             completed = True
+        except BaseException:
+            if progress.stop_requested:
+                counts = tuning.summarize(directory)
+                progress.close()
+                print(
+                    f"interrupted after {sum(progress.trials)} trials of this session; {directory} keeps all "
+                    f"{counts['records']} records: run the same command again to continue", file=sys.stderr)
+                raise KeyboardInterrupt from None
+            raise
         finally:
             progress.close()
             _close(builder)
@@ -439,7 +491,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     counts = tuning.summarize(directory)
     rows = []
     for i, ctx in enumerate(contexts):
-        best = progress.best[i]
+        best = _database_best(database, ctx.mod)  # over every session, not just this one
         rows.append({"task": names[i], "weight": int(weights[i]), "trials": progress.trials[i],
                      "errors": progress.errors[i], "best_ms": None if best is None else round(best * 1e3, 5)})
     return {
@@ -456,6 +508,32 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         "seconds_total": meta["seconds"],
         "runner": session["runner"],
     }
+
+
+def _runs_here(spec) -> bool:
+    """Whether this machine can measure ``spec``'s code itself (LocalRunner)."""
+    if spec.cross_compiled:
+        return False
+    if spec.kind == "cpu":
+        return True
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no CUDA runtime
+        return False
+
+
+def _database_best(database, mod) -> float | None:
+    """Mean run time (s) of the best valid record for the kernel ``mod``, None when it has none."""
+    try:
+        if not database.has_workload(mod):
+            return None
+        top = database.get_top_k(database.commit_workload(mod), 1)  # known workload: commits nothing new
+        secs = [float(s) for s in top[0].run_secs] if top else []
+    except Exception:  # noqa: BLE001 - a summary row is not worth failing the run
+        return None
+    return sum(secs) / len(secs) if secs else None
 
 
 def _local_cores() -> int:
@@ -478,14 +556,14 @@ def load_model(args):
         torch.manual_seed(0)
         note = (f"no trained {name} is shipped yet: tuning an untrained {name} (kernel shapes do not depend on "
                 "weights; a pruned checkpoint strips to other shapes, so tune that one with --checkpoint)")
-        console.progress().write(f"warning: {note}")
+        print(f"warning: {note}", file=sys.stderr)
         return Checkpoint(name, build_model(name).eval(), args.normalize or data.DEFAULT_NORMALIZATION), note
 
 
 def run(args) -> dict:
     import targets
 
-    from compiler.build import lower
+    from compiler.build import lower, parse_keep
 
     spec = targets.get(args.target)
     if args.batch <= 0:
@@ -498,23 +576,26 @@ def run(args) -> dict:
         check_tracker(args.tracker, args.key)  # fail fast, before the model is loaded
     ckpt, note = load_model(args)
     prec, _why = precision.choose(args.precision, spec)
-    _dense, mod, _report = lower(ckpt.model, args.batch, prec)
+    lowered = lower(ckpt.model, args.batch, prec, spec, data_dir=args.data, normalize=ckpt.normalize,
+                    calib_images=args.calib_images, calibration=args.calibration, keep=parse_keep(args.keep_fp32),
+                    untrained=note is not None)  # exactly as build calls it
+    mod = lowered.module
     result = tune_module(mod, spec, ckpt.model_name, prec, args.batch, args.trials, directory=args.log_dir,
                          tracker=args.tracker, key=args.key, timeout=args.timeout,
                          trials_per_iter=args.trials_per_iter, num_cores=args.num_cores, seed=args.seed,
                          population=args.population)
     rows = [dict(r) for r in result["tasks"]]
-    total_best = sum(r["best_ms"] for r in rows if r["best_ms"] is not None)
-    rows.append({"task": "total", "weight": None, "trials": result["trials"], "errors": sum(r["errors"] for r in rows),
-                 "best_ms": None})
+    measured = [r for r in rows if r["best_ms"] is not None]
+    # every kernel measured: the weighted sum of the best kernel times estimates the model's latency
+    estimate = sum(r["weight"] * r["best_ms"] for r in measured) if len(measured) == len(rows) else None
+    rows.append({"task": "total (weighted)", "weight": None, "trials": result["trials"],
+                 "errors": sum(r["errors"] for r in rows), "best_ms": estimate})
     print(console.table(rows, ["task", "weight", "trials", "errors", "best_ms"],
                         title=f"tune {result['model']} for {result['target']} ({result['variant']}), "
                               f"{result['runner']}"))
     print(f"{result['trials']} trials in {result['seconds']:.0f} s; the database now holds "
           f"{result['trials_total']} records for {result['tasks_in_db']} of {len(result['tasks'])} tasks "
           f"({result['seconds_total']:.0f} s of tuning in all): {result['log_dir']}")
-    if total_best:
-        print(f"sum of the best kernel times measured this session (one call each): {total_best:.4g} ms")
     out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
                                   "trials_total", "tasks_in_db")}
     out["tasks"] = len(result["tasks"])

@@ -182,48 +182,54 @@ def _read_lines(path: Path) -> tuple[list[bytes], bool]:
     return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"), data.endswith(b"\n")
 
 
-def repair(directory: str | os.PathLike) -> dict:
-    """Make a database crash-clean before it is opened: a torn last line (killed mid-append) is dropped, a
-    complete last line without its newline gets one, records that point past the workload table are dropped.
-    Rewrites atomically, only when something is wrong. Any other bad line is a corrupt file: UserError."""
+def _clean_lines(path: Path, n_workloads: int | None) -> tuple[list[bytes], dict]:
+    """The lines of one database file that load, and what had to change. Only the last line may be damaged
+    (torn, blank, or a record of a workload whose line was torn): that is all an interrupted append can do."""
+    lines, ends_nl = _read_lines(path)
+    fixes = {"dropped_lines": 0, "added_newlines": 0}
+    keep = []
+    for i, raw in enumerate(lines):
+        last = i == len(lines) - 1
+        try:
+            obj = json.loads(raw)
+            ok = n_workloads is None or (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)
+                                         and 0 <= obj[0] < n_workloads)
+        except ValueError:
+            ok = False
+        if ok:
+            keep.append(raw)
+        elif last:
+            fixes["dropped_lines"] += 1
+        else:
+            raise UserError(f"{path} line {i + 1} is damaged (not a torn last line): the database is corrupt; "
+                            "restore it from version control or tune into a new --log-dir")
+    if not ends_nl and not fixes["dropped_lines"]:
+        fixes["added_newlines"] += 1
+    return keep, fixes
+
+
+def repair(directory: str | os.PathLike, dry_run: bool = False) -> dict:
+    """Make a database crash-clean: a torn last line (killed mid-append) is dropped, a complete last line
+    without its newline gets one (else the next append would glue onto it). Rewrites atomically, only when
+    something is wrong; ``dry_run`` only reports. Any other damaged line: UserError. Returns
+    ``{"dropped_lines", "added_newlines", "needed"}``. Only ``tune`` (holding the folder's lock) repairs in place."""
     directory = Path(directory)
-    fixed = {"dropped_lines": 0, "added_newlines": 0}
-    n_workloads = 0
+    total = {"dropped_lines": 0, "added_newlines": 0}
+    n_workloads = None
     for name in (WORKLOAD_FILE, RECORD_FILE):
         path = directory / name
         if not path.is_file():
+            n_workloads = 0
             continue
-        lines, ends_nl = _read_lines(path)
-        keep, changed = [], not ends_nl
-        for i, raw in enumerate(lines):
-            if not raw.strip():
-                changed = True
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                if i == len(lines) - 1:  # the one line a crash can tear
-                    changed = True
-                    fixed["dropped_lines"] += 1
-                    continue
-                raise UserError(f"{path} line {i + 1} is not JSON: the database is corrupt (not a torn last "
-                                "line); restore it from version control or tune into a new --log-dir") from None
-            if name == RECORD_FILE and not (isinstance(obj, list) and obj and isinstance(obj[0], int)
-                                            and 0 <= obj[0] < n_workloads):
-                if i == len(lines) - 1:
-                    changed = True
-                    fixed["dropped_lines"] += 1
-                    continue
-                raise UserError(f"{path} line {i + 1} refers to workload {obj[0] if isinstance(obj, list) and obj else '?'}"
-                                f" but {directory / WORKLOAD_FILE} has {n_workloads}: the database is corrupt")
-            keep.append(raw)
-        if not ends_nl and len(keep) == len(lines):
-            fixed["added_newlines"] += 1
+        keep, fixes = _clean_lines(path, n_workloads)
         if name == WORKLOAD_FILE:
             n_workloads = len(keep)
-        if changed:
+        for k, v in fixes.items():
+            total[k] += v
+        if any(fixes.values()) and not dry_run:
             fileio.write_bytes(path, b"".join(line + b"\n" for line in keep))
-    return fixed
+    total["needed"] = bool(total["dropped_lines"] or total["added_newlines"])
+    return total
 
 
 def summarize(directory: str | os.PathLike) -> dict:
@@ -255,8 +261,16 @@ def summarize(directory: str | os.PathLike) -> dict:
     return out
 
 
-def open_database(directory: str | os.PathLike, create: bool = False):
-    """A MetaSchedule JSONDatabase on ``directory`` (repaired first). ``create``: make the files if missing."""
+def open_database(directory: str | os.PathLike, create: bool = False, writer: bool = False):
+    """A MetaSchedule JSONDatabase on ``directory``.
+
+    ``writer`` (tune, holding the folder's lock): the files are repaired in place first, and ``create`` makes
+    them when missing. Readers (build) never touch the files - they may be committed, or a tune may be
+    appending to them: a database with a torn tail is loaded from a repaired temporary copy instead.
+    """
+    import shutil
+    import tempfile
+
     from tvm.s_tir import meta_schedule as ms
 
     directory = Path(directory)
@@ -264,9 +278,21 @@ def open_database(directory: str | os.PathLike, create: bool = False):
         directory.mkdir(parents=True, exist_ok=True)
     elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
-    repair(directory)
-    return ms.database.JSONDatabase(path_workload=str(directory / WORKLOAD_FILE),
-                                    path_tuning_record=str(directory / RECORD_FILE), allow_missing=create)
+    source, scratch = directory, None
+    if writer:
+        repair(directory)
+    elif repair(directory, dry_run=True)["needed"]:
+        scratch = Path(tempfile.mkdtemp(prefix="tuning-db-"))
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            shutil.copyfile(directory / name, scratch / name)
+        repair(scratch)
+        source = scratch
+    try:
+        return ms.database.JSONDatabase(path_workload=str(source / WORKLOAD_FILE),
+                                        path_tuning_record=str(source / RECORD_FILE), allow_missing=create)
+    finally:
+        if scratch is not None:  # JSONDatabase has read it all; a reader never appends
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,7 +430,12 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     if not directory.is_dir():
         if explicit:
             raise UserError(f"tuning log {directory} does not exist")
-        info["note"] = f"untuned: no tuning log at {directory} (see `python -m compiler tune`)"
+        info["note"] = f"untuned: no tuning log at {shown(directory)} (see `python -m compiler tune`)"
+        return None, info
+    if not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
+        if explicit:
+            raise UserError(f"tuning log {directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
+        info["note"] = f"untuned: {directory} holds no database yet (a tune that stopped before its first trial?)"
         return None, info
     meta = read_meta(directory)
     if not explicit and meta is not None and target_mismatch(meta, spec):
@@ -416,7 +447,7 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     info.update(path=str(directory), sha256=fileio.sha256_file(directory / RECORD_FILE),
                 tasks_in_db=counts["tasks_in_db"], records=counts["records"],
                 trials=int(meta.get("trials", counts["records"])), seconds=float(meta.get("seconds", 0.0)),
-                note=f"MetaSchedule database {directory}")
+                note=f"MetaSchedule database {shown(directory)}")
     return db, info
 
 
@@ -445,12 +476,20 @@ def tasks_applied(mod, spec, database) -> dict:
     return {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing}
 
 
+def shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the project when it lies inside it (tuning_logs/...), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(DEFAULT_ROOT.parent))
+    except ValueError:
+        return str(path)
+
+
 def manifest_entry(info: dict, applied: dict | None) -> dict:
     """What build's manifest ``tuning`` should say, from :func:`find_database`'s info and :func:`tasks_applied`."""
     if info.get("path") is None:
         return {"database": None, "sha256": None, "tasks_applied": 0, "tasks": applied["tasks"] if applied else None,
                 "trials": 0, "note": info.get("note")}
-    return {"database": info["path"], "sha256": info["sha256"],
+    return {"database": shown(info["path"]), "sha256": info["sha256"],
             "tasks_applied": applied["applied"] if applied else None,
             "tasks": applied["tasks"] if applied else None,
             "trials": info.get("trials"), "tuning_seconds": info.get("seconds"),

@@ -26,7 +26,7 @@ from tvm import relax
 __all__ = ["METHODS", "DEFAULT_METHOD", "DEFAULT_PERCENTILE", "Histogram", "collect", "kl_threshold"]
 
 METHODS = ("minmax", "percentile", "entropy")
-DEFAULT_METHOD = "entropy"
+DEFAULT_METHOD = "minmax"  # measured best on ResNet56 (see passes/quantize.py)
 DEFAULT_PERCENTILE = 99.99
 HIST_BINS = 2048
 
@@ -114,7 +114,11 @@ def kl_threshold(hist: np.ndarray, levels: int, max_candidates: int = 1024) -> f
     """TensorRT's entropy calibration on a histogram of ``|x|`` (bin 0 at zero): the number of bins ``i`` (a
     threshold at ``i`` bin widths) minimizing KL(P || Q), where P is ``hist[:i]`` with the tail folded into its last
     bin and Q is P quantized to ``levels`` bins. Returns ``i`` (in units of bin width)."""
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = np.asarray(hist, dtype=np.float64).copy()
+    # zero is exact on the quantized grid (zero point 0): leave the bin at 0 out. Post-ReLU tensors are half zeros,
+    # and that spike, spread over its merged quantized bin, would drive the search to far too small thresholds
+    # (measured on ResNet56: -1.2 pt top-1 with it in, T = 1.8 sigma on a rectified normal)
+    hist[0] = 0.0
     n = len(hist)
     if n <= levels:
         return float(n)

@@ -14,6 +14,12 @@ layers (residual adds, pooling) stay float32. Weights: ``s_w[c] = max|W[c]| / 12
 slicing, zero padding, reshapes, concat, sums of such) when the kernels multiply uint8 by int8 (x86 VNNI:
 ``vpdpbusd``), else ``s_x = T / 127`` with int8. Layers named in ``keep`` stay float32 (recorded in the report).
 
+Defaults, measured on the shared ResNet56 (93.39 % fp32, 512 training images for calibration, top-1 on the test
+set): ``minmax`` calibration with the first conv and the classifier kept fp32 gives 93.47 % on all 10 000 images
+(99.6 % argmax agreement with fp32 on the first 2 000); entropy 93.0 % and percentile 99.99 93.35 % on the first
+2 000 (fp32: 92.95 %). The two kept layers hold 0.13 % of the weights and ~0.4 % of the MACs; the first one reads
+the signed, 3-channel image (uint8 does not apply, and the K = 27 reduction is too short to pay for itself).
+
 **int8-weights** (:func:`quantize_weights`), on an fp16 module (``ToMixedPrecision``): every conv2d / matmul weight
 constant is stored int8 per output channel and dequantized in front of the fp16 conv2d. The dequantize and the
 conv2d are wrapped in one private ``Primitive`` Relax function per layer, so the build pipelines' FoldConstant

@@ -6,8 +6,8 @@ fails to build and MetaSchedule's VNNI rule (which looks the intrinsic up by tha
 description is unchanged (``C[16] += sum_k u8 A[k] * s8 B[i, k]``, 16 int32 lanes x 4 bytes); the implementation
 broadcasts the 4 activation bytes as one i32 to 16 lanes and reinterprets both multiplicands as ``int8x64``.
 
-:func:`register` replaces TVM's registration under the same name (so MetaSchedule's default x86 VNNI rule picks it
-up) and also registers it as :data:`INTRIN_NAME`.
+:func:`register` registers it as :data:`INTRIN_NAME`. TVM 0.27's MetaSchedule has no x86 VNNI default rule any more
+(``ScheduleRule.create`` knows llvm / cuda / hexagon only): :func:`schedule_rules` adds one for this intrinsic.
 """
 
 from __future__ import annotations
@@ -64,9 +64,28 @@ def register() -> str:
     if _registered:
         return INTRIN_NAME
     from tvm.s_tir import TensorIntrin
-    import tvm.s_tir.tensor_intrin.x86  # noqa: F401 - TVM's own registration first, so ours overrides it
 
-    TensorIntrin.register(TVM_NAME, _desc, _impl, override=True)
+    # only under our own name: importing tvm.s_tir.tensor_intrin (to override TVM's broken one) parses every
+    # target's intrinsics (minutes), and a later import of it would refuse a name registered before it
     TensorIntrin.register(INTRIN_NAME, _desc, _impl, override=True)
     _registered = True
     return INTRIN_NAME
+
+
+def schedule_rules() -> list:
+    """MetaSchedule rules for x86 VNNI targets: TVM 0.27 has no VNNI default any more (only ``ScheduleRule.create
+    ("llvm")``), so put a MultiLevelTilingWithIntrin for our intrinsic in front of the LLVM defaults (TVM's old
+    DefaultVNNI did the same). Use as ``PostOrderApply(sch_rules=schedule_rules())``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    register()
+    vnni = ms.schedule_rule.MultiLevelTilingWithIntrin(
+        INTRIN_NAME,
+        structure="SSRSRS",
+        tile_binds=None,
+        max_innermost_factor=64,
+        vector_load_lens=None,
+        reuse_read=None,
+        reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global"),
+    )
+    return [vnni] + list(ms.schedule_rule.ScheduleRule.create("llvm"))

@@ -92,3 +92,40 @@ def test_bad_inputs_leave_existing_artifact_alone(tmp_path, pruned_resnet20):
     assert (out / "mine.txt").read_text() == "precious"
     r = cli("eval", "--artifact", out)
     assert r.returncode == 2 and "not an artifact folder" in r.stderr
+
+
+def test_int8_build_calibrates_and_stays_close(tmp_path, tiny_cifar):
+    ck = tmp_path / "r8.pt"
+    m = build_model("resnet8")
+    randomize_bn(m)
+    save_checkpoint(ck, "resnet8", m, "cifar")
+    out = tmp_path / "int8"
+    r = cli("build", "--target", "host", "--checkpoint", ck, "--precision", "int8", "--batch", 8,
+            "--data", tiny_cifar, "--calib-images", 64, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    man = json.loads((out / "manifest.json").read_text())
+    q = man["quantization"]
+    assert man["precision"] == "int8" and q["calibration_images"].startswith("64 CIFAR-10 training images")
+    assert [k["layer"] if isinstance(k, dict) else k for k in q["kept"]]  # first/last recorded as kept in fp32
+    assert res["weight_bytes_dense"] / res["weight_bytes_compiled"] > 3.5
+    assert man["verification"]["argmax_agreement"] >= man["verification"]["argmax_agreement_required"] > 0
+    # int8 without calibration data is refused for a real checkpoint, and nothing is written
+    r = cli("build", "--target", "host", "--checkpoint", ck, "--precision", "int8", "--data", tmp_path / "nodata",
+            "--out", tmp_path / "never")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and not (tmp_path / "never").exists()
+
+
+def test_main_job_builds_a_board_artifact(tmp_path):
+    """`build --target jetson-tx2` with only --model/--out: auto precision, cross-compiled, deploy/ shipped."""
+    out = tmp_path / "tx2"
+    r = cli("build", "--target", "jetson-tx2", "--model", "resnet8", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "UNTRAINED" in r.stderr  # no shipped default yet: said loudly
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["precision"] == "int8-weights" and "auto:" in man["precision_reason"]
+    assert man["target"]["cross_compiled"] and man["target"]["tvm"]["kind"] == "cuda"
+    assert (out / "deploy" / "README.md").is_file() and (out / "deploy" / "kernels.cu").is_file()
+    assert (out / "model.so").read_bytes()[:4] == b"\x7fELF"
+    r = cli("eval", "--artifact", out)
+    assert r.returncode == 2 and "cannot run" in r.stderr
