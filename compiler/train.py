@@ -178,7 +178,7 @@ def run(args) -> dict:
     model = models.build_model(name)
     if out.exists():
         prev = checkpoint.load_checkpoint(out, None)
-        if prev.train_state is None:
+        if prev.train_state is None or prev.train_state.get("verb") == "prune":
             raise UserError(f"{out} exists and is not a resumable training checkpoint of this project; "
                             "choose another --out (nothing was overwritten)")
         if prev.model_name != name:
