@@ -65,9 +65,9 @@ def run(args) -> dict:
         raise UserError("--repeat and --number must be positive")
     executable, manifest = artifact.load_local(args.artifact)
     batch = manifest["input"]["shape"][0]
-    rows = [{"engine": "tvm", "model": manifest["model"], "precision": manifest["precision"], "batch": batch,
-             **time_tvm(executable, batch, args.repeat, args.number, args.warmup)}]
+    rows = []
     if args.pytorch:
+        # PyTorch first: TVM's worker threads keep spinning after a run and slow a PyTorch run that follows
         import torch
 
         from compiler import zoo
@@ -76,6 +76,8 @@ def run(args) -> dict:
         rows.append({"engine": "pytorch", "model": manifest["model"], "precision": "fp32", "batch": batch,
                      "threads": torch.get_num_threads(),
                      **time_pytorch(ckpt.model, batch, args.repeat, args.number, args.warmup)})
+    rows.insert(0, {"engine": "tvm", "model": manifest["model"], "precision": manifest["precision"], "batch": batch,
+                    **time_tvm(executable, batch, args.repeat, args.number, args.warmup)})
     for r in rows:
         r["images_per_s"] = round(1e3 * batch / r["median_ms"], 1)
     print(console.table(rows, ["engine", "model", "precision", "batch", "median_ms", "p90_ms", "images_per_s"]))

@@ -36,6 +36,9 @@ def configure(p) -> None:
                    help="CIFAR-10 folder: int8 calibration (training images) and verification (test images); "
                         "default: env CIFAR10_DIR")
     add_quantization_args(p)
+    p.add_argument("--tuning-log", metavar="DIR", default=None,
+                   help="MetaSchedule database to apply (default: tuning_logs/<target>/<model>-<variant>/ when "
+                        "it exists; see `python -m compiler tune`)")
     cli.add_json_arg(p)
 
 
@@ -155,7 +158,11 @@ def build(args) -> dict:
     steps.update()
 
     steps.set_postfix_str(f"compile for {spec.name}")
-    database = None
+    from compiler import tuning
+
+    variant = tuning.variant_of(mod, prec)
+    database, tuning_info = tuning.find_database(spec, ckpt.model_name, variant, explicit_dir=args.tuning_log)
+    applied = tuning.tasks_applied(mod, spec, database) if database is not None else None
     executable = targets.compile_module(mod, spec, database=database)
     steps.update()
 
@@ -205,8 +212,7 @@ def build(args) -> dict:
                 "calibration_images": lowered.calibration,
                 "method": args.calibration if lowered.calibration else None,
                 **lowered.quant_report},
-            "tuning": {"database": None, "sha256": None, "tasks_applied": 0,
-                       "note": "untuned: default schedules (see `python -m compiler tune`)"},
+            "tuning": tuning.manifest_entry(tuning_info, applied),
             "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "pruning": ckpt.pruning is not None,
                            "note": weights_note},
             "verification": {"max_abs_diff": max_abs_diff, "tolerance": tolerance, "argmax_agreement": argmax_agree,
@@ -237,6 +243,9 @@ def run(args) -> dict:
         {"": "weight bytes dense -> compiled",
          "value": f"{m['weight_bytes']['dense']:,} -> {m['weight_bytes']['compiled']:,} "
                   f"({m['weight_bytes']['dense'] / max(1, m['weight_bytes']['compiled']):.2f}x smaller)"},
+        {"": "tuning", "value": (f"{m['tuning']['database']} ({m['tuning'].get('tasks_applied', 0)}/"
+                                  f"{m['tuning'].get('tasks', '?')} kernels tuned)") if m["tuning"].get("database")
+                                 else "untuned (default schedules; see `python -m compiler tune`)"},
         {"": "max |diff| vs PyTorch", "value": f"{m['verification']['max_abs_diff']:.3g} "
                                              f"(tol {m['verification']['tolerance']:.3g}, {m['verification']['run_on']})"},
         {"": "artifact", "value": str(Path(result["artifact"]) / LIBRARY)},

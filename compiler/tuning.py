@@ -435,11 +435,11 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     if not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         if explicit:
             raise UserError(f"tuning log {directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
-        info["note"] = f"untuned: {directory} holds no database yet (a tune that stopped before its first trial?)"
+        info["note"] = f"untuned: {shown(directory)} holds no database yet (a tune stopped before its first trial?)"
         return None, info
     meta = read_meta(directory)
     if not explicit and meta is not None and target_mismatch(meta, spec):
-        info["note"] = f"untuned: {directory} skipped, {target_mismatch(meta, spec)}"
+        info["note"] = f"untuned: {shown(directory)} skipped, {target_mismatch(meta, spec)}"
         return None, info
     check_meta(meta, directory, spec, model_name, variant)
     db = open_database(directory)

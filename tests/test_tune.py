@@ -376,16 +376,8 @@ def test_builder_cross_compiles_for_aarch64():
 
 def test_build_verb_applies_the_database(tuned, resnet8, tmp_path, tiny_cifar):
     """`build --tuning-log DIR`: the manifest names the database and how many kernels it scheduled."""
-    import argparse
-
     import targets
 
-    from compiler import build as build_verb
-
-    p = argparse.ArgumentParser()
-    build_verb.configure(p)
-    if "--tuning-log" not in p._option_string_actions:
-        pytest.skip("build does not take --tuning-log yet (wiring pending in compiler/build.py)")
     out = tmp_path / "art"
     rc = cli.main(["build", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
                    "--data", str(tiny_cifar), "--out", str(out), "--tuning-log", tuned["log_dir"]])
