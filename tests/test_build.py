@@ -9,6 +9,7 @@ import torch
 
 from compiler.checkpoint import save_checkpoint
 from compiler.models import build_model
+from helpers import randomize_bn
 
 
 def cli(*args):
@@ -30,17 +31,6 @@ def zero_inner_channels(model, fraction=0.5, seed=0):
                 m.bn1.bias[idx] = 0
                 zeroed += len(idx)
     return zeroed
-
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from compiler import precision
 from compiler.errors import UserError
 from passes import calibration as calib
 from passes import quantize as q
+from helpers import relax_module as _module
 
 F32 = "float32"
 op = relax.op
@@ -27,16 +28,6 @@ op = relax.op
 
 def _c(array, dtype=F32):
     return relax.const(np.ascontiguousarray(array, dtype=dtype), dtype)
-
-
-def _module(x_shape, body):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(x_shape, F32))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            gv = bb.emit_output(body(bb, x))
-        bb.emit_func_output(gv)
-    return bb.get()
 
 
 def _run(mod, x):

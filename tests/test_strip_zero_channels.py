@@ -12,23 +12,13 @@ from tvm import relax
 
 from passes.analysis import count_flops
 from passes.strip_zero_channels import StripZeroChannels, report_totals, strip_zero_channels
+from helpers import relax_module as _module
 
 F32 = "float32"
 op = relax.op
 
 
 # ---------------------------------------------------------------- small modules built with the BlockBuilder
-
-
-def _module(x_shape, body):
-    """``main(x)`` in one dataflow block: ``body(bb, x)`` emits the bindings and returns the output."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(x_shape, F32))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            gv = bb.emit_output(body(bb, x))
-        bb.emit_func_output(gv)
-    return bb.get()
 
 
 def _c(array):

@@ -27,6 +27,7 @@ from compiler import cli, tuning
 from compiler.checkpoint import save_checkpoint
 from compiler.errors import UserError
 from compiler.models import build_model
+from helpers import randomize_bn
 
 KEY = "tune-test"
 TRIALS = 12  # ResNet8 has 12 kernels: one trial each (trials-per-iter 1)
@@ -37,17 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 def _start(args: list[str]) -> subprocess.Popen:
