@@ -33,9 +33,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from passes import calibration as calib
+from passes.binding_mutator import BindingMutator
 
 __all__ = [
     "QuantConfig", "Layer", "Calibration", "config_for", "find_layers", "calibrate", "quantize",
@@ -296,25 +297,17 @@ class _Plan:
 
 
 @mutator
-class _Int8Rewriter(PyExprMutator):
+class _Int8Rewriter(BindingMutator):
     def __init__(self, mod: tvm.IRModule, plan: _Plan):
         super().__init__(mod)
         self.plan = plan
-        self.binding = None
         self.quantized = {}  # (new x, dtype, scale) -> quantized var: one quantize per shared input
 
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        self.binding = binding
-        try:
-            super().visit_var_binding_(binding)
-        finally:
-            self.binding = None
-
     def visit_call_(self, call):
-        b = self.binding
-        if b is None or not call.same_as(b.value) or b.var not in self.plan.rewrites:
+        var = self.bound_var(call)
+        if var is None or var not in self.plan.rewrites:
             return super().visit_call_(call)
-        layer, act_dtype, s_x, wq, s_w = self.plan.rewrites[b.var]
+        layer, act_dtype, s_x, wq, s_w = self.plan.rewrites[var]
         x = self.visit_expr(layer.x)
         key = (x, act_dtype, float(s_x))
         xq = self.quantized.get(key)
@@ -410,25 +403,17 @@ def _apply_plan(mod, func_name, plan):
 
 
 @mutator
-class _WeightRewriter(PyExprMutator):
+class _WeightRewriter(BindingMutator):
     def __init__(self, mod: tvm.IRModule, rewrites: dict, dtype: str):
         super().__init__(mod)
         self.rewrites = rewrites  # binding var -> (Layer, Wq, scale)
         self.dtype = dtype
-        self.binding = None
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        self.binding = binding
-        try:
-            super().visit_var_binding_(binding)
-        finally:
-            self.binding = None
 
     def visit_call_(self, call):
-        b = self.binding
-        if b is None or not call.same_as(b.value) or b.var not in self.rewrites:
+        var = self.bound_var(call)
+        if var is None or var not in self.rewrites:
             return super().visit_call_(call)
-        layer, wq, scale = self.rewrites[b.var]
+        layer, wq, scale = self.rewrites[var]
         x = self.visit_expr(layer.x)
         shape = [1] * wq.ndim
         shape[layer.out_axis] = -1

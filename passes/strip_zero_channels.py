@@ -37,7 +37,8 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
+from passes.binding_mutator import BindingMutator
 
 __all__ = ["StripZeroChannels", "strip_zero_channels", "report_totals"]
 
@@ -540,26 +541,17 @@ class _ChannelAnalysis:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
+class _Rewriter(BindingMutator):
     """Re-emit every binding with the kept channels; shapes are re-inferred by the block builder."""
 
     def __init__(self, mod: tvm.IRModule, plan: _Plan):
         super().__init__(mod)
         self.plan = plan
-        self.binding = None
-
-    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        self.binding = binding
-        try:
-            super().visit_var_binding_(binding)
-        finally:
-            self.binding = None
 
     def visit_call_(self, call):
-        binding = self.binding
-        if binding is None or not call.same_as(binding.value):
+        var = self.bound_var(call)
+        if var is None:
             return super().visit_call_(call)
-        var = binding.var
         rule = self.plan.rewrites.get(var)
         if rule is None:
             return super().visit_call_(call)
