@@ -37,11 +37,22 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint_required: bool = False
                         "else cifar)")
 
 
-def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="CIFAR-10 folder: cifar10_{train,test}.npz or torchvision's cifar-10-batches-py/ "
                         "(default: env CIFAR10_DIR)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 into --data (online)")
+
+
+def add_training_args(p: argparse.ArgumentParser, lr: float, lr_help: str) -> None:
+    """The SGD loop's flags, shared by train and prune's fine-tuning."""
+    g = p.add_argument_group("training")
+    g.add_argument("--lr", type=float, default=lr, help=lr_help)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--limit-train", type=int, default=None, metavar="K", help="only the first K training images")
+    g.add_argument("--limit-test", type=int, default=None, metavar="K", help="only the first K test images")
+    g.add_argument("--seed", type=int, default=0)
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

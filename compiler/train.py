@@ -154,18 +154,13 @@ def configure(p) -> None:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint written after every epoch; "
                    "if it is this project's unfinished checkpoint of the same model, training resumes from it")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on where the CPU has native bf16, e.g. AVX-512 BF16 / AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (default: on)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (minutes to compile, then faster steps)")
-    p.add_argument("--limit-train", type=int, default=None, metavar="K", help="only the first K training images")
-    p.add_argument("--limit-test", type=int, default=None, metavar="K", help="only the first K test images")
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_training_args(p, lr=0.1, lr_help="peak learning rate of the one-cycle schedule")
     cli.add_json_arg(p)
 
 

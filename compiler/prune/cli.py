@@ -53,16 +53,11 @@ def configure(p) -> None:
     p.add_argument("--finetune-masked", action="store_true",
                    help="fine-tune the dense-shaped model with masks re-applied after every step "
                         "(slower; default: fine-tune the physically shrunk copy)")
-    p.add_argument("--lr", type=float, default=0.02, help="peak learning rate of the one-cycle fine-tuning")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--taylor-batches", type=int, default=16, metavar="B",
                    help="training batches of 64 for the taylor criterion")
     p.add_argument("--bn-batches", type=int, default=20, metavar="B",
                    help="training batches of 128 to re-estimate BN statistics after pruning (0: keep them)")
-    p.add_argument("--limit-train", type=int, default=None, metavar="K", help="only the first K training images")
-    p.add_argument("--limit-test", type=int, default=None, metavar="K", help="only the first K test images")
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_training_args(p, lr=0.02, lr_help="peak learning rate of the one-cycle fine-tuning")
     cli.add_json_arg(p)
 
 
