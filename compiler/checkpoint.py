@@ -150,7 +150,7 @@ def save_checkpoint(
     half: bool = False,
 ) -> None:
     """Write the project's checkpoint format atomically. ``half`` stores float tensors as fp16 (compact zoo files)."""
-    state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if half:
         state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
     obj = {

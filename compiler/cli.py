@@ -22,6 +22,7 @@ VERBS = {
     "targets": ("targets.cli", "list the named build targets"),
     "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
     "bench": ("compiler.bench", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
+    "zoo": ("compiler.zoo.cli", "list the trained checkpoints shipped with the package, or add one with its card"),
     "tune": ("compiler.tune", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
 }
 

@@ -108,8 +108,8 @@ def normalize(images: torch.Tensor, normalization: str = DEFAULT_NORMALIZATION) 
     """uint8 (N, 3, H, W) -> float32, scaled to [0, 1], then (x - mean) / std per channel."""
     mean, std = NORMALIZATIONS[check_normalization(normalization)]
     x = images.float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean_t).div_(std_t)
 
 

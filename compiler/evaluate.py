@@ -24,10 +24,11 @@ def top1(model: torch.nn.Module, split: data.Split, normalize: str, batch_size: 
          desc: str = "eval") -> float:
     """Top-1 accuracy in percent of a PyTorch model on a split."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in console.progress(range(0, len(split), batch_size), desc=desc, unit="batch"):
-        x = data.normalize(split.images[i:i + batch_size], normalize)
-        correct += (model(x).argmax(1) == split.labels[i:i + batch_size]).sum().item()
+        x = data.normalize(split.images[i:i + batch_size].to(device), normalize)
+        correct += (model(x).argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
     return 100.0 * correct / max(len(split), 1)
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ class FitConfig:
     channels_last: bool = True
     bf16: bool = False
     compile: bool = False
+    device: str = "cpu"
     distill_temperature: float = 4.0
     distill_alpha: float = 0.9
     seed: int = 0
@@ -66,10 +71,11 @@ def fit(
     Returns the last epoch's record.
     """
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
+    model.to(device=device, memory_format=memory_format)
     if teacher is not None:
-        teacher.eval().to(memory_format=memory_format)
+        teacher.eval().to(device=device, memory_format=memory_format)
     forward = torch.compile(model) if cfg.compile else model  # parameters and state stay on ``model``
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -81,7 +87,7 @@ def fit(
     total = steps_per_epoch * cfg.epochs
     start_epoch = 0
     if state:
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])  # moves its momentum buffers to the parameters' device
         start_epoch = int(state["epoch"])
     record: dict = {"epoch": start_epoch}
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -97,10 +103,11 @@ def fit(
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = one_cycle_lr(step, total, cfg.lr, cfg.warmup_fraction)
-            x = data.normalize(data.random_crop_flip(train.images[idx], generator=gen), cfg.normalize)
-            x = x.contiguous(memory_format=memory_format)
-            y = train.labels[idx]
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+            crops = data.random_crop_flip(train.images[idx], generator=gen).to(device, non_blocking=True)
+            x = data.normalize(crops, cfg.normalize).contiguous(memory_format=memory_format)
+            y = train.labels[idx].to(device, non_blocking=True)
+            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16
+                        else contextlib.nullcontext())
             with autocast:
                 logits = forward(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -136,15 +143,44 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(record)
-    model.to(memory_format=torch.contiguous_format)
+    model.to(device="cpu", memory_format=torch.contiguous_format)
+    if teacher is not None:
+        teacher.to(device="cpu")
     return record
 
 
-def bf16_default(requested: bool | None) -> bool:
-    """bf16 autocast unless asked otherwise, where the CPU computes bf16 natively (measured: see benchmarks/)."""
+def bf16_default(requested: bool | None, device: str = "cpu") -> bool:
+    """bf16 autocast unless asked otherwise, where the device computes bf16 natively (measured on CPU: see
+    benchmarks/train_speed.md)."""
     if requested is not None:
         return requested
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def device_name(device: str) -> str:
+    """What trained it, for the model card: the GPU's name, or the CPU's model and core count."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def pick_device(requested: str) -> str:
+    """``auto``: the first CUDA GPU when there is one, else the CPU; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: this machine has no CUDA GPU that torch can use")
+    return requested
 
 
 def configure(p) -> None:
@@ -158,6 +194,9 @@ def configure(p) -> None:
                    help="bfloat16 autocast (default: on where the CPU has native bf16, e.g. AVX-512 BF16 / AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (default: on)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train (default: a CUDA GPU when torch sees one, else the CPU); "
+                        "checkpoints are written as CPU tensors either way")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (minutes to compile, then faster steps)")
     cli.add_training_args(p, lr=0.1, lr_help="peak learning rate of the one-cycle schedule")
@@ -182,15 +221,21 @@ def run(args) -> dict:
         print(f"resuming {out} at epoch {state['epoch']}/{args.epochs}")
     train = data.load_split(args.data, "train", download=args.download).head(args.limit_train)
     test = data.load_split(args.data, "test").head(args.limit_test)
+    device = pick_device(args.device)
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                    normalize=args.normalize, channels_last=args.channels_last, bf16=bf16_default(args.bf16),
-                    compile=args.compile, seed=args.seed)
+                    normalize=args.normalize, channels_last=args.channels_last, bf16=bf16_default(args.bf16, device),
+                    compile=args.compile, seed=args.seed, device=device)
     history: list[dict] = list(prev.metrics.get("history") or []) if prev else []
     t_start = time.perf_counter()
 
+    provenance = {"command": "python -m compiler " + shlex.join(sys.argv[1:]), "device": device_name(device),
+                  "torch": str(torch.__version__)}
+    if prev and prev.metrics.get("command"):
+        provenance["command"] = prev.metrics["command"]  # the run's first command; resumes repeat it
+
     def save(record: dict) -> None:
         history.append({k: v for k, v in record.items() if k != "train_state"})
-        metrics = {"top1": record["top1"], "epochs": record["epoch"], "history": history}
+        metrics = {"top1": record["top1"], "epochs": record["epoch"], "history": history, **provenance}
         checkpoint.save_checkpoint(out, name, model, args.normalize, metrics=metrics,
                                    train_state=record["train_state"])
 

@@ -79,6 +79,41 @@ def test_train_writes_resumable_checkpoint_and_never_overwrites_foreign_files(tm
     assert foreign.read_bytes() == before
 
 
+def test_zoo_add_writes_card_that_eval_reproduces_and_refuses_unfinished_runs(tmp_path, tiny_cifar):
+    out, zoo_dir = tmp_path / "t.pt", tmp_path / "zoo"
+    r = cli("train", "--model", "resnet8", "--data", tiny_cifar, "--epochs", 1, "--batch-size", 32, "--out", out)
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(out, weights_only=True)
+    assert ck["metrics"]["command"].startswith("python -m compiler train --model resnet8")
+    assert ck["metrics"]["device"] and ck["metrics"]["torch"] == torch.__version__
+    # an unfinished run is refused, and nothing is written
+    ck["train_state"]["epochs"] = 5
+    torch.save(ck, tmp_path / "unfinished.pt")
+    r = cli("zoo", "--add", tmp_path / "unfinished.pt", "--data", tiny_cifar, "--zoo-dir", zoo_dir)
+    assert_user_error(r, "unfinished (epoch 1/5)")
+    assert not zoo_dir.exists() or not any(zoo_dir.iterdir())
+    r = cli("zoo", "--add", out, "--data", tiny_cifar, "--zoo-dir", zoo_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    card = json.loads(r.stdout.strip().splitlines()[-1])["added"]
+    assert card["model"] == "resnet8" and card["epochs"] == 1 and card["n_test"] == 32
+    assert card["storage"] in ("fp16", "fp32") and card["command"] == ck["metrics"]["command"]
+    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.json", "resnet8.pt"]
+    # the card's top-1 is what eval of the shipped file prints
+    r = cli("eval", "--checkpoint", zoo_dir / "resnet8.pt", "--data", tiny_cifar, "--json")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] == card["top1"]
+    listing = cli("zoo", "--zoo-dir", zoo_dir, "--json")
+    assert [c["model"] for c in json.loads(listing.stdout.strip().splitlines()[-1])["shipped"]] == ["resnet8"]
+    assert_user_error(cli("zoo", "--add", out, "--data", tiny_cifar, "--zoo-dir", zoo_dir), "already shipped")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_train_on_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_cifar):
+    r = cli("train", "--model", "resnet8", "--data", tiny_cifar, "--epochs", 1, "--device", "cuda",
+            "--out", tmp_path / "t.pt")
+    assert_user_error(r, "no CUDA GPU")
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_eval_shared_resnet56_limit(shared_data, shared_resnet56):
     r = cli("eval", "--model", "resnet56", "--checkpoint", shared_resnet56, "--data", shared_data,
             "--normalize", "imagenet", "--limit", 1000, "--json")

@@ -15,10 +15,10 @@ ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "resnet56"
 
 
-def shipped() -> list[dict]:
+def shipped(zoo_dir: Path = ZOO_DIR) -> list[dict]:
     """The model cards of every shipped checkpoint."""
     cards = []
-    for card in sorted(ZOO_DIR.glob("*.json")):
+    for card in sorted(Path(zoo_dir).glob("*.json")):
         info = json.loads(card.read_text())
         info["path"] = str(card.with_suffix(".pt"))
         cards.append(info)
