@@ -324,6 +324,19 @@ def _progress_callback(progress: _Progress):
     return ProgressCallback()
 
 
+def space_for(prec: str, target):
+    """The design space generator: int8 on an AVX-512 VNNI CPU tries vpdpbusd-tensorized candidates for the packed
+    int8 conv2d kernels (:func:`passes.vnni.space_generator`: TVM 0.27's LLVM defaults have no VNNI rule); every
+    other case MetaSchedule's default for the target. build applies such a database the same way (the intrinsic is
+    registered before MetaScheduleApplyDatabase replays the traces: targets.build)."""
+    if prec == "int8":
+        from passes import vnni
+
+        if vnni.target_has_vnni(target):
+            return vnni.space_generator()
+    return "post-order-apply"
+
+
 def _preload_tensor_intrinsics(spec) -> None:
     """Register only the CPU tensor intrinsics before MetaSchedule's TuneContext imports them all.
 
@@ -433,7 +446,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         strategy = "evolutionary" if population is None else ms.search_strategy.EvolutionarySearch(
             population_size=population, init_min_unmeasured=min(50, population))
         contexts, weights = extracted_tasks_to_tune_contexts(extracted, work_dir=str(directory), strategy=strategy,
-                                                             seed=seed)
+                                                             seed=seed, space=space_for(prec, target))
         names = [c.task_name for c in contexts]
         if meta is None:
             meta = tuning.new_meta(spec, target, model_name, variant, prec, batch, tuning.shape_signature(mod),

@@ -108,6 +108,11 @@ def shape_signature(mod) -> list[list]:
                 call = binding.value
                 if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
                     continue
+                if call.op.name == "relax.call_tir":
+                    sig = _call_tir_sig(call)
+                    if sig is not None:
+                        sigs.append(sig)
+                    continue
                 if call.op.name not in VARIANT_OPS:
                     continue
                 attrs = {}
@@ -116,6 +121,21 @@ def shape_signature(mod) -> list[list]:
                         attrs[name] = _attr_value(getattr(call.attrs, name))
                 sigs.append([str(call.op.name), [_tensor_sig(a) for a in call.args], attrs])
     return sigs
+
+
+def _call_tir_sig(call) -> list | None:
+    """``["call_tir:<kernel>", [[shape, dtype] per argument], {"out": [shape, dtype]}]`` for the kernels our passes
+    emit as call_tir (passes.vnni's packed int8 conv2d and its pack / unpack): a module whose int8 conv2d layers
+    are packed has no relax.nn.conv2d left to name its shapes."""
+    from passes import vnni
+
+    gv, args = call.args[0], call.args[1]
+    name = getattr(gv, "name_hint", None)
+    kernel = next((k for k in vnni.KERNEL_NAMES if name and name.startswith(k)), None)
+    if kernel is None:
+        return None
+    fields = list(args.fields) if hasattr(args, "fields") else [args]
+    return [f"call_tir:{kernel}", [_tensor_sig(a) for a in fields], {"out": _tensor_sig(call)}]
 
 
 def variant_of(mod, precision: str) -> str:
@@ -279,6 +299,9 @@ def open_database(directory: str | os.PathLike, create: bool = False, writer: bo
     elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
     source, scratch = directory, None
+    from passes import vnni
+
+    vnni.register()  # int8 records tensorize with it: loading their traces needs the intrinsic registered
     if writer:
         repair(directory)
     elif repair(directory, dry_run=True)["needed"]:
@@ -460,6 +483,10 @@ def tasks_applied(mod, spec, database) -> dict:
 
     target = spec.tvm_target()
     legal = legalize(mod, target)
+    if spec.kind == "cpu":
+        from targets.build import register_tensor_intrinsics
+
+        register_tensor_intrinsics()  # traces that tensorize with vpdpbusd replay only with it registered
     with target, database:
         applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
     seen: dict[int, tuple[str, bool]] = {}

@@ -20,6 +20,20 @@ set): ``minmax`` calibration with the first conv and the classifier kept fp32 gi
 2 000 (fp32: 92.95 %). The two kept layers hold 0.13 % of the weights and ~0.4 % of the MACs; the first one reads
 the signed, 3-channel image (uint8 does not apply, and the K = 27 reduction is too short to pay for itself).
 
+**x86 AVX-512 VNNI** (``QuantConfig.vnni_layout``, set by :func:`config_for` on such a CPU): ``vpdpbusd`` needs 4
+consecutive uint8 input channels and a contiguous 16 x 4 int8 weight tile, which NCHW / OIHW does not have, so
+MetaSchedule cannot tensorize the conv2d above. There each uint8 conv2d is emitted in the packed layout of
+:mod:`passes.vnni` instead (kernels made with ``emit_te``)::
+
+    xp  = quantize_pack(x, [s_x])             # uint8 NCHW[ic_bn]c, the conv's zero padding applied, ic to blocks of 4k
+    acc = conv2d_nchwc_int8(xp, Wp)           # int32 NCHW16c; Wp: OIHW[ic_bn/4]i16o4i, oc zero-padded to 16k
+    y   = unpack(astype(acc, f32) * pack(s_x * s_w))   # float32 NCHW, padding channels dropped
+
+The integers are the same as the NCHW conv2d's (an exact int32 sum in another order: bit-identical outputs).
+FuseOps puts the requantize in the conv's epilogue and unpack + bias + ReLU (+ the next layer's quantize_pack)
+into one elementwise kernel. ``s_x`` is a tensor argument, not an immediate, so no kernel depends on the
+calibration: a tuning database serves any checkpoint with the same stripped shapes.
+
 **int8-weights** (:func:`quantize_weights`), on an fp16 module (``ToMixedPrecision``): every conv2d / matmul weight
 constant is stored int8 per output channel and dequantized in front of the fp16 conv2d. The dequantize and the
 conv2d are wrapped in one private ``Primitive`` Relax function per layer, so the build pipelines' FoldConstant
@@ -84,6 +98,8 @@ class QuantConfig:
     percentile: float = calib.DEFAULT_PERCENTILE
     unsigned_activations: bool = True
     keep: tuple = DEFAULT_KEEP
+    # x86 AVX-512 VNNI: uint8 conv2d layers in the packed layout vpdpbusd needs (see _emit_packed_conv)
+    vnni_layout: bool = False
 
     def __post_init__(self):
         if self.method not in calib.METHODS:
@@ -94,16 +110,21 @@ class QuantConfig:
 
     def describe(self) -> dict:
         return {"method": self.method, "percentile": self.percentile if self.method == "percentile" else None,
-                "unsigned_activations": self.unsigned_activations, "keep": list(self.keep)}
+                "unsigned_activations": self.unsigned_activations, "keep": list(self.keep),
+                "vnni_layout": self.vnni_layout}
 
 
 def config_for(spec, **overrides) -> QuantConfig:
     """The configuration for a target (:class:`targets.TargetSpec`): uint8 activations where the int8 kernels
-    multiply uint8 by int8 (x86 VNNI ``vpdpbusd``); int8 x int8 elsewhere (CUDA ``dp4a``/IMMA, Arm ``sdot``)."""
+    multiply uint8 by int8 (x86 VNNI ``vpdpbusd``); int8 x int8 elsewhere (CUDA ``dp4a``/IMMA, Arm ``sdot``). On
+    AVX-512 VNNI the uint8 conv2d layers are emitted in the packed layout MetaSchedule tensorizes with vpdpbusd."""
     import platform
 
+    from passes import vnni
+
     x86 = spec.kind == "cpu" and not spec.cross_compiled and platform.machine() in ("x86_64", "AMD64")
-    return replace(QuantConfig(unsigned_activations=x86), **overrides)
+    return replace(QuantConfig(unsigned_activations=x86, vnni_layout=x86 and vnni.target_has_vnni(spec)),
+                   **overrides)
 
 
 # ---------------------------------------------------------------- layers
@@ -294,6 +315,12 @@ def calibrate(mod: tvm.IRModule, images: np.ndarray, *, func_name: str = "main",
 class _Plan:
     # binding var -> (Layer, act dtype, s_x, Wq, s_w)
     rewrites: dict = field(default_factory=dict)
+    packed: set = field(default_factory=set)  # binding vars of conv2d layers emitted in the VNNI layout
+
+
+def _packable(layer: Layer, act_dtype: str) -> bool:
+    """A conv2d the VNNI layout takes: uint8 activations (vpdpbusd multiplies u8 by s8), NCHW, no groups."""
+    return layer.op == "conv2d" and act_dtype == "uint8" and int(layer.call.attrs.groups) == 1
 
 
 @mutator
@@ -302,13 +329,27 @@ class _Int8Rewriter(BindingMutator):
         super().__init__(mod)
         self.plan = plan
         self.quantized = {}  # (new x, dtype, scale) -> quantized var: one quantize per shared input
+        # VNNI layout: original binding var -> (its value in NCHW16c: a new var, logical channels)
+        self.packed_of = {}
+        self.unpacked = {}  # original binding var -> an NCHW unpack of its packed twin
 
     def visit_call_(self, call):
         var = self.bound_var(call)
         if var is None or var not in self.plan.rewrites:
+            if var is not None and self.plan.packed:
+                packed = self._packed_elementwise(call)
+                if packed is not None:
+                    self.packed_of[var] = packed
+                elif any(a in self.packed_of for a in call.args):
+                    # any other reader of a packed value (pooling, slicing, the shortcut's channel pad) reads an
+                    # unpack of it: so the whole NCHW chain before it is dead
+                    args = [self._unpacked(a) if a in self.packed_of else a for a in call.args]
+                    return super().visit_call_(relax.Call(call.op, args, call.attrs, call.ty_args))
             return super().visit_call_(call)
         layer, act_dtype, s_x, wq, s_w = self.plan.rewrites[var]
         x = self.visit_expr(layer.x)
+        if var in self.plan.packed:
+            return self._emit_packed_conv(layer, x, s_x, wq, s_w)
         key = (x, act_dtype, float(s_x))
         xq = self.quantized.get(key)
         if xq is None:
@@ -325,8 +366,112 @@ class _Int8Rewriter(BindingMutator):
             shape = (1, -1)
         acc = self.builder_.emit(acc)
         real = self.builder_.emit(relax.op.astype(acc, "float32"))
-        requant = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32).reshape(shape)
-        return relax.op.multiply(real, _const(requant))
+        return relax.op.multiply(real, _const(_requant(s_x, s_w).reshape(shape)))
+
+    def _emit_packed_conv(self, layer, x, s_x, wq, s_w):
+        """The conv2d in the layout vpdpbusd needs (:mod:`passes.vnni`)::
+
+            xp  = quantize_pack(x, [s_x])                # uint8 NCHW[ic_bn]c, conv padding and channel blocks zero
+            acc = conv2d_nchwc_int8(xp, pack(Wq))         # int32 NCHW16c: OIHW[ic_bn/4]i16o4i weight constant
+            y   = unpack(astype(acc, f32) * pack(s_x * s_w))   # float32 NCHW, the padding channels dropped
+
+        The same integers as the NCHW conv2d (a reordered exact int32 sum); FuseOps puts astype * requant in the
+        conv's epilogue and quantize_pack / unpack in the elementwise kernels around it. The activation scale is
+        a tensor argument, so no kernel depends on the calibration (a database tuned on one checkpoint serves
+        another with the same stripped shapes)."""
+        from passes import vnni
+
+        a = layer.call.attrs
+        oc, ic = wq.shape[:2]
+        _, ic_bn = vnni.ic_block(ic)
+        padding = [int(p) for p in a.padding]
+        key = ("packed", x, float(s_x), ic_bn, tuple(padding))
+        xp = self.quantized.get(key)
+        if xp is None:
+            scale = _const(np.array([s_x], np.float32))
+            src = self.packed_of.get(layer.x)
+            if src is not None:  # the input is already NCHW16c: quantize it from there
+                xp = self.builder_.emit_te(vnni.quantize_repack, src[0], scale, int(ic), ic_bn, padding,
+                                           primfunc_name_hint=vnni.REPACK_NAME)
+            else:
+                xp = self.builder_.emit_te(vnni.quantize_pack, x, scale, ic_bn, padding,
+                                           primfunc_name_hint=vnni.PACK_NAME)
+            self.quantized[key] = xp
+        acc = self.builder_.emit_te(vnni.conv2d_nchwc_int8, xp, _const(vnni.pack_weight(wq)),
+                                    [int(v) for v in a.strides], [int(v) for v in a.dilation],
+                                    primfunc_name_hint=vnni.CONV_NAME)
+        real = self.builder_.emit(relax.op.astype(acc, "float32"))
+        y = self.builder_.emit(relax.op.multiply(real, _const(vnni.pack_channels(_requant(s_x, s_w)))))
+        self.packed_of[layer.var] = (y, int(oc))
+        return self.builder_.call_te(vnni.unpack, y, int(oc), primfunc_name_hint=vnni.UNPACK_NAME)
+
+    def _unpacked(self, var):
+        from passes import vnni
+
+        got = self.unpacked.get(var)
+        if got is None:
+            y, c = self.packed_of[var]
+            got = self.builder_.emit_te(vnni.unpack, y, c, primfunc_name_hint=vnni.UNPACK_NAME)
+            self.unpacked[var] = got
+        return got
+
+    _PACKED_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum", "relax.nn.relu")
+
+    def _packed_elementwise(self, call):
+        """The NCHW16c twin of an elementwise op on an output of a packed conv (bias add, ReLU, residual add):
+        emitted next to the NCHW op, so activations stay packed from conv to conv and the NCHW chain is only
+        kept where something else reads it (dead code elimination drops the rest). Padding channels are zero
+        and stay zero (their requantize scale and bias are 0). Returns (packed var, channels) or None."""
+        from passes import vnni
+
+        name = _op_name(call)
+        if name not in self._PACKED_OPS or not isinstance(call.ty, relax.TensorType):
+            return None
+        out_shape = _static_shape(call.ty)
+        if out_shape is None or len(out_shape) != 4 or str(call.ty.dtype) != "float32":
+            return None
+        channels = {self.packed_of[a][1] for a in call.args if a in self.packed_of}
+        if len(channels) != 1:
+            return None
+        (c,) = channels
+        if out_shape[1] != c:
+            return None
+        args = []
+        for a in call.args:
+            if a in self.packed_of:
+                if _static_shape(a.ty) != out_shape:
+                    return None
+                args.append(self.packed_of[a][0])
+            elif _is_const(a) and _dtype(a) == "float32":
+                v = a.value.numpy()
+                if v.ndim == 0:
+                    args.append(a)
+                elif v.shape == (1, c, 1, 1):
+                    args.append(_const(vnni.pack_channels(v.reshape(-1))))
+                else:
+                    return None
+            elif isinstance(a, relax.Var) and _static_shape(a.ty) == out_shape and _dtype(a) == "float32":
+                args.append(self.builder_.emit_te(vnni.pack_float, self.visit_expr(a),
+                                                  primfunc_name_hint=vnni.FLOAT_PACK_NAME))
+            else:
+                return None
+        op = call.op
+        new = relax.Call(op, args, call.attrs)
+        return self.builder_.emit(new), c
+
+
+def _static_shape(ty) -> tuple | None:
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    try:
+        return tuple(int(v) for v in ty.shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def _requant(s_x, s_w: np.ndarray) -> np.ndarray:
+    """float32 ``s_x * s_w[c]`` (computed in float64, rounded once)."""
+    return (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
 
 
 def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | None = None) -> tuple[tvm.IRModule, dict]:
@@ -358,7 +503,11 @@ def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | 
         s_x = np.float32(t / qmax)
         wq, s_w = quantize_weight(l.weight, l.out_axis)
         plan.rewrites[l.var] = (l, act_dtype, s_x, wq, s_w)
+        packed = config.vnni_layout and _packable(l, act_dtype)
+        if packed:
+            plan.packed.add(l.var)
         row.update(precision="int8", activation_dtype=act_dtype, threshold=float(t), scale=float(s_x),
+                   layout="NCHW[x]c/OIHW[x/4]i16o4i (VNNI)" if packed else "NCHW/OIHW",
                    observed_min=float(h.min), observed_max=float(h.max),
                    clipped_fraction=_clipped(h, t))
         rows.append(row)
@@ -372,6 +521,7 @@ def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | 
                         "images": calibration.images, "batch": calibration.batch,
                         "run": "fp32 Relax module, default CPU pipeline"},
         "unsigned_activations": config.unsigned_activations,
+        "vnni_layout": config.vnni_layout,
         "keep": list(config.keep),
         "kept": [{"layer": r["name"], "reason": r["reason"]} for r in rows if r["precision"] != "int8"],
         "layers": rows,
@@ -396,7 +546,10 @@ def _apply_plan(mod, func_name, plan):
     gv = mod.get_global_var(func_name)
     new_func = rw.visit_expr(mod[func_name])
     rw.builder_.update_func(gv, new_func)
-    return rw.builder_.get()
+    out = rw.builder_.get()
+    if plan.packed:  # the NCHW twins nothing reads any more (and their kernels)
+        out = relax.transform.DeadCodeElimination([func_name])(out)
+    return out
 
 
 # ---------------------------------------------------------------- int8-weights (fp16 compute)

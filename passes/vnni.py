@@ -1,4 +1,5 @@
-"""An x86 VNNI (``vpdpbusd``) tensor intrinsic that builds with the LLVM inside TVM 0.27 (LLVM 22).
+"""x86 VNNI (``vpdpbusd``): a tensor intrinsic that builds with the LLVM inside TVM 0.27 (LLVM 22), the packed int8
+conv2d layout it needs, and the MetaSchedule rules that tensorize with it.
 
 TVM's ``dot_16x4_vnni`` (tvm/s_tir/tensor_intrin/x86.py) calls ``llvm.x86.avx512.vpdpbusd.512`` with two
 ``<16 x i32>`` operands; since LLVM 21 the intrinsic's multiplicands are ``<64 x i8>``, so every tensorized candidate
@@ -12,10 +13,17 @@ broadcasts the 4 activation bytes as one i32 to 16 lanes and reinterprets both m
 
 from __future__ import annotations
 
+import numpy as np
 from tvm.script import tirx as T
 
 INTRIN_NAME = "dot_16x4_vnni_llvm22"
 TVM_NAME = "dot_16x4_vnni"
+OC_BLOCK = 16  # output channels per vpdpbusd (16 int32 lanes of a zmm register)
+K_BLOCK = 4  # input channels per lane (4 bytes of one int32 lane)
+# names of the PrimFuncs the packed int8 rewrite (passes.quantize) emits: compiler.tuning names variants by them
+PACK_NAME, CONV_NAME, UNPACK_NAME = "vnni_quantize_pack", "conv2d_nchwc_int8", "vnni_unpack"
+REPACK_NAME, FLOAT_PACK_NAME = "vnni_quantize_repack", "vnni_pack_float"
+KERNEL_NAMES = (PACK_NAME, CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME)
 
 
 @T.prim_func(s_tir=True)
@@ -89,3 +97,185 @@ def schedule_rules() -> list:
         reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global"),
     )
     return [vnni] + list(ms.schedule_rule.ScheduleRule.create("llvm"))
+
+
+def postprocs() -> list:
+    """MetaSchedule postprocessors for :func:`schedule_rules`: the LLVM defaults plus ``RewriteTensorize`` (which
+    turns the blocks MultiLevelTilingWithIntrin annotated into the intrinsic), in the order of TVM's former
+    DefaultVNNI."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return [
+        ms.postproc.DisallowDynamicLoop(),
+        ms.postproc.RewriteParallelVectorizeUnroll(),
+        ms.postproc.RewriteReductionBlock(),
+        ms.postproc.RewriteTensorize(vectorize_init_loop=True),
+        ms.postproc.RewriteLayout(),
+    ]
+
+
+def space_generator():
+    """``PostOrderApply`` with :func:`schedule_rules` and :func:`postprocs`: the design space for int8 on VNNI."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.PostOrderApply(sch_rules=schedule_rules(), postprocs=postprocs(),
+                                             mutator_probs="from-target")
+
+
+def target_has_vnni(target) -> bool:
+    """Whether the LLVM ``target`` (a tvm Target, its JSON dict, or a targets.TargetSpec) is x86 with AVX-512 VNNI:
+    the 512-bit ``vpdpbusd`` the intrinsic emits."""
+    import tvm
+    from tvm.target import codegen
+
+    if hasattr(target, "tvm_target"):  # a targets.TargetSpec
+        if getattr(target, "kind", "cpu") != "cpu":
+            return False
+        target = target.tvm_target()
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return False
+    try:
+        return "avx512vnni" in set(str(f) for f in codegen.llvm_get_cpu_features(target))
+    except Exception:  # noqa: BLE001 - an unknown CPU name
+        return False
+
+
+# ---------------------------------------------------------------- the packed int8 conv2d layout
+#
+#   data   NCHW[ic_bn]c        (N, IC/ic_bn, H, W, ic_bn) uint8, zero padded spatially and to whole blocks
+#   kernel OIHW[ic_bn/4]i16o4i (OC/16, IC/ic_bn, KH, KW, ic_bn/4, 16, 4) int8, zero padded to whole blocks
+#   out    NCHW16c             (N, OC/16, OH, OW, 16) int32
+#
+# The innermost 16 x 4 weight tile and the 4 input channels it multiplies are contiguous: exactly the operands of
+# one vpdpbusd (C[16] += sum_k u8 A[k] * s8 B[i, k]), so MultiLevelTilingWithIntrin can tensorize the conv.
+
+
+def ic_block(ic: int) -> tuple[int, int]:
+    """``(ic_padded, ic_bn)``: input channels padded to a multiple of 4 and the channel block (a multiple of 4, at
+    most 16, dividing ``ic_padded``)."""
+    icp = -(-int(ic) // K_BLOCK) * K_BLOCK
+    for bn in (16, 12, 8, 4):
+        if icp % bn == 0:
+            return icp, bn
+    raise AssertionError("unreachable: icp is a multiple of 4")
+
+
+def oc_padded(oc: int) -> int:
+    return -(-int(oc) // OC_BLOCK) * OC_BLOCK
+
+
+def pack_weight(wq: np.ndarray) -> np.ndarray:
+    """OIHW int8 -> OIHW[ic_bn/4]i16o4i (``(OC/16, IC/ic_bn, KH, KW, ic_bn/4, 16, 4)``), zero channels padded in."""
+    oc, ic, kh, kw = wq.shape
+    icp, bn = ic_block(ic)
+    ocp = oc_padded(oc)
+    w = np.zeros((ocp, icp, kh, kw), dtype=wq.dtype)
+    w[:oc, :ic] = wq
+    w = w.reshape(ocp // OC_BLOCK, OC_BLOCK, icp // bn, bn // K_BLOCK, K_BLOCK, kh, kw)
+    return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+def pack_channels(v: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """A per-output-channel vector -> ``(1, OC/16, 1, 1, 16)`` (NCHW16c broadcast), padded with ``fill``."""
+    v = np.asarray(v).ravel()
+    ocp = oc_padded(len(v))
+    out = np.full(ocp, fill, dtype=v.dtype)
+    out[:len(v)] = v
+    return np.ascontiguousarray(out.reshape(1, ocp // OC_BLOCK, 1, 1, OC_BLOCK))
+
+
+def quantize_pack(x, scale, ic_bn: int, padding, out_dtype: str = "uint8"):
+    """TE: quantize a float NCHW tensor (``clip(round(x / scale), qmin, qmax)``, zero point 0: exactly what
+    ``R.quantize`` lowers to) straight into NCHW[ic_bn]c with the conv's spatial zero padding (``padding``: top,
+    left, bottom, right) and zero channels up to whole blocks. ``scale``: a ``(1,)`` float32 tensor, so the kernel
+    does not depend on the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(d) for d in x.shape)
+    icp = -(-c // ic_bn) * ic_bn
+    top, left, bottom, right = (int(p) for p in padding)
+    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
+    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
+
+    def f(b, cb, y, xx, ci):
+        ch = cb * ic_bn + ci
+        yy, xw = y - top, xx - left
+        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
+        q = te.max(te.min(te.round(x[b, ch, yy, xw] / scale[0]), hi), lo).astype(out_dtype)
+        return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
+
+    return te.compute(shape, f, name="quantize_pack")
+
+
+def conv2d_nchwc_int8(data, kernel, strides, dilation):
+    """TE: int32 conv2d of packed uint8 ``data`` (already zero padded) and packed int8 ``kernel`` -> NCHW16c.
+    The same sum as ``R.nn.conv2d(..., out_dtype="int32")`` in NCHW, reordered: bit-identical results."""
+    from tvm import te
+
+    n, icc, ih, iw, icb = (int(d) for d in data.shape)
+    occ, icc2, kh, kw, icf, ocb, k4 = (int(d) for d in kernel.shape)
+    assert icc == icc2 and icf * k4 == icb and ocb == OC_BLOCK and k4 == K_BLOCK, (data.shape, kernel.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    oh = (ih - (kh - 1) * dh - 1) // sh + 1
+    ow = (iw - (kw - 1) * dw - 1) // sw + 1
+    rc = te.reduce_axis((0, icc), name="ic_outer")
+    ry = te.reduce_axis((0, kh), name="kh")
+    rx = te.reduce_axis((0, kw), name="kw")
+    rf = te.reduce_axis((0, icf), name="ic_f_inner")
+    rs = te.reduce_axis((0, k4), name="ic_s_inner")
+    return te.compute(
+        (n, occ, oh, ow, ocb),
+        lambda b, o, y, x, ob: te.sum(
+            data[b, rc, y * sh + ry * dh, x * sw + rx * dw, rf * k4 + rs].astype("int32")
+            * kernel[o, rc, ry, rx, rf, ob, rs].astype("int32"),
+            axis=[ry, rx, rc, rf, rs]),
+        name="conv2d_nchwc_int8")
+
+
+def unpack(y, channels: int):
+    """TE: NCHW16c -> NCHW, dropping the padding channels beyond ``channels``."""
+    from tvm import te
+
+    n, _, h, w, ocb = (int(d) for d in y.shape)
+    return te.compute((n, int(channels), h, w), lambda b, c, i, j: y[b, c // ocb, i, j, c % ocb], name="unpack")
+
+
+def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: str = "uint8"):
+    """TE: :func:`quantize_pack` of a float tensor that is already NCHW16c (``xp``: ``(N, C/16, H, W, 16)``, the
+    first ``channels`` real): reads it in its own layout, so the kernel streams contiguous memory."""
+    from tvm import te, tirx
+
+    n, _, h, w, ob = (int(d) for d in xp.shape)
+    c = int(channels)
+    icp = -(-c // ic_bn) * ic_bn
+    top, left, bottom, right = (int(p) for p in padding)
+    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
+    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
+
+    def f(b, cb, y, xx, ci):
+        ch = cb * ic_bn + ci
+        yy, xw = y - top, xx - left
+        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
+        q = te.max(te.min(te.round(xp[b, ch // ob, yy, xw, ch % ob] / scale[0]), hi), lo).astype(out_dtype)
+        return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
+
+    return te.compute(shape, f, name="quantize_repack")
+
+
+def pack_float(x):
+    """TE: a float NCHW tensor -> NCHW16c, zero channels up to a whole block."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(d) for d in x.shape)
+    ocp = oc_padded(c)
+
+    def f(b, cb, y, xx, ci):
+        ch = cb * OC_BLOCK + ci
+        return tirx.if_then_else(ch < c, x[b, ch, y, xx], tirx.const(0, x.dtype))
+
+    return te.compute((n, ocp // OC_BLOCK, h, w, OC_BLOCK), f, name="pack_float")

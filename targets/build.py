@@ -47,6 +47,7 @@ def open_database(database):
 
     if isinstance(database, ms.database.Database):
         return database
+    register_tensor_intrinsics()  # loading int8 records parses traces that tensorize with them
     work_dir = Path(database)
     missing = [n for n in ("database_workload.json", "database_tuning_record.json") if not (work_dir / n).is_file()]
     if missing:
@@ -58,12 +59,22 @@ def open_database(database):
     )
 
 
+def register_tensor_intrinsics() -> None:
+    """Register this project's CPU tensor intrinsics (passes.vnni's vpdpbusd) so that MetaScheduleApplyDatabase
+    can replay tuned traces that tensorize with them (cheap; idempotent)."""
+    from passes import vnni
+
+    vnni.register()
+
+
 def relax_pipeline(spec: TargetSpec, database=None) -> tvm.transform.Pass:
     """The Relax pass pipeline for ``spec`` (a module pass; run it under the target, as compile_module does)."""
     target = spec.tvm_target()
     db = open_database(database)
     if spec.kind == "cpu" and db is None:
         return relax.get_default_pipeline(target)
+    if spec.kind == "cpu":
+        register_tensor_intrinsics()  # tuned int8 traces tensorize with them: replaying needs them registered
 
     stages = _stages(spec)
     legalize = [

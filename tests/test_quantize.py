@@ -467,3 +467,193 @@ def test_vnni_intrinsic_builds_and_emits_vpdpbusd():
     c = tvm.runtime.tensor(np.zeros((M, N), np.int32))
     lib(tvm.runtime.tensor(a), tvm.runtime.tensor(packed), c)
     np.testing.assert_array_equal(c.numpy(), a.astype(np.int64) @ w.astype(np.int64).T)
+
+
+# ---------------------------------------------------------------- x86 VNNI: the packed int8 conv2d layout
+
+
+def _has_avx512vnni() -> bool:
+    from passes import vnni
+
+    return vnni.target_has_vnni(targets.get("host"))
+
+
+def test_vnni_layout_rewrite_before_expected():
+    """On AVX-512 VNNI a uint8 conv2d becomes quantize_pack -> conv2d_nchwc_int8 (+ requant); the bias add and
+    ReLU after it run on the packed tensor, and what is not elementwise (the mean) reads an unpack of it. Signed
+    inputs and the kept fp32 layers stay as they were. oc 24 pads to two 16-channel blocks, ic 8 is one block."""
+    from passes import vnni
+
+    weights = _chain_weights(c1=8, c2=24)
+    before = _chain(weights)
+    amax = {"conv2d0": 2.5, "conv2d1": 3.0, "matmul0": 1.5}
+    cal = _fixed_calibration(amax, ["conv2d0", "conv2d1", "matmul0"])
+    config = q.QuantConfig(keep=("first",), vnni_layout=True)
+    after, report = q.quantize(before, cal, config)
+    relax.analysis.well_formed(after)
+    w1, b1, w2, b2, w3, b3 = weights
+    s1, s2 = np.float32(3.0 / 255), np.float32(1.5 / 255)
+
+    def body(bb, x):
+        y = bb.emit(op.nn.conv2d(x, _c(w1), padding=1))
+        y = bb.emit(op.nn.relu(bb.emit(op.add(y, _c(b1)))))
+        wq, sw = q.quantize_weight(w2, 0)
+        xp = bb.emit_te(vnni.quantize_pack, y, _c([s1]), 8, [1, 1, 1, 1], primfunc_name_hint=vnni.PACK_NAME)
+        acc = bb.emit_te(vnni.conv2d_nchwc_int8, xp, _c(vnni.pack_weight(wq), "int8"), [1, 1], [1, 1],
+                         primfunc_name_hint=vnni.CONV_NAME)
+        real = bb.emit(op.astype(acc, F32))
+        requant = (np.float64(s1) * sw.astype(np.float64)).astype(F32)
+        y = bb.emit(op.multiply(real, _c(vnni.pack_channels(requant))))
+        y = bb.emit(op.nn.relu(bb.emit(op.add(y, _c(vnni.pack_channels(b2.reshape(-1)))))))
+        y = bb.emit_te(vnni.unpack, y, 24, primfunc_name_hint=vnni.UNPACK_NAME)
+        y = bb.emit(op.mean(y, axis=[-1, -2], keepdims=True))
+        y = bb.emit(op.reshape(y, (2, 24)))
+        xq = bb.emit(op.quantize(y, relax.const(s2, F32), relax.const(0, "uint8"), axis=1, out_dtype="uint8"))
+        wq3, sw3 = q.quantize_weight(w3, 1)
+        acc = bb.emit(op.matmul(xq, _c(wq3, "int8"), out_dtype="int32"))
+        real = bb.emit(op.astype(acc, F32))
+        y = bb.emit(op.multiply(real, _c((np.float64(s2) * sw3.astype(np.float64)).astype(F32).reshape(1, -1))))
+        return bb.emit(op.add(_c(b3), y))
+
+    tvm.ir.assert_structural_equal(after, _module((2, 3, 8, 8), body))
+    xp_ty = [b.var.ty for b in after["main"].body.blocks[0].bindings
+             if isinstance(b.value, relax.Call) and "conv2d_nchwc_int8" in str(b.value.args[0])][0]
+    assert [int(d) for d in xp_ty.shape.values] == [2, 2, 8, 8, 16]  # 24 channels -> 2 blocks of 16
+    rows = {r["name"]: r for r in report["layers"]}
+    assert "VNNI" in rows["conv2d1"]["layout"] and rows["matmul0"]["layout"] == "NCHW/OIHW"
+    assert report["vnni_layout"] is True
+    # a conv reading a signed tensor keeps NCHW (vpdpbusd multiplies uint8 activations)
+    signed, rep = q.quantize(before, cal, q.QuantConfig(keep=(), vnni_layout=True))
+    assert [r["layout"] for r in rep["layers"]][:2] == ["NCHW/OIHW", "NCHW[x]c/OIHW[x/4]i16o4i (VNNI)"]
+    assert q.config_for(targets.get("host")).vnni_layout == _has_avx512vnni()
+    assert not q.config_for(targets.get("jetson-orin")).vnni_layout
+
+
+def _int32_conv_pair(n, ic, oc, hw, k, stride, pad):
+    """Two modules from uint8-valued float input: NCHW R.nn.conv2d(int32) and the packed VNNI kernels."""
+    from passes import vnni
+
+    rng = np.random.default_rng(ic * 100 + oc)
+    wq = rng.integers(-127, 128, (oc, ic, k, k)).astype(np.int8)
+    one = np.float32(1.0)
+
+    def nchw(bb, x):
+        xq = bb.emit(op.quantize(x, relax.const(one, F32), relax.const(0, "uint8"), axis=1, out_dtype="uint8"))
+        return bb.emit(op.nn.conv2d(xq, _c(wq, "int8"), strides=stride, padding=pad, out_dtype="int32"))
+
+    def packed(bb, x):
+        _, bn = vnni.ic_block(ic)
+        xp = bb.emit_te(vnni.quantize_pack, x, _c([one]), bn, [pad] * 4)
+        acc = bb.emit_te(vnni.conv2d_nchwc_int8, xp, _c(vnni.pack_weight(wq), "int8"), [stride] * 2, [1, 1])
+        return bb.emit(bb.call_te(vnni.unpack, acc, oc))
+
+    shape = (n, ic, hw, hw)
+    return _module(shape, nchw), _module(shape, packed), rng.integers(0, 256, shape).astype(F32)
+
+
+@pytest.mark.parametrize("ic,oc,k,stride,pad", [(16, 16, 3, 1, 1), (8, 24, 3, 1, 1), (24, 40, 3, 2, 1),
+                                                (6, 16, 1, 1, 0)])
+def test_packed_conv_is_bit_identical_to_nchw(ic, oc, k, stride, pad):
+    """int32 accumulators of the packed conv equal the NCHW conv2d's exactly, also where channels are padded
+    (oc 24 / 40 -> whole 16-blocks, ic 24 -> 12-blocks, ic 6 -> 8) and with stride 2."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu() or "generic"})
+    a, b, x = _int32_conv_pair(2, ic, oc, 8, k, stride, pad)
+    outs = []
+    for mod in (a, b):
+        ex = tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    assert outs[1].dtype == np.int32 and outs[1].shape == outs[0].shape
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert np.abs(outs[0]).max() > 2 ** 16  # the sums are large: no silent narrowing anywhere
+
+
+def test_vnni_layout_chain_is_bit_identical_to_nchw_int8():
+    """The whole int8 chain (quantize rounding, requantize, bias, ReLU) gives the same float32 bits in either
+    layout: the layout is a schedule choice, not a numerics change."""
+    weights = _chain_weights(seed=8, c1=8, c2=24)
+    mod = _chain(weights)
+    rng = np.random.default_rng(9)
+    cal = q.calibrate(mod, rng.normal(size=(4, 3, 8, 8)).astype(F32))
+    x = rng.normal(size=(2, 3, 8, 8)).astype(F32)
+    plain, _ = q.quantize(mod, cal, q.QuantConfig(keep=("first",)))
+    packed, _ = q.quantize(mod, cal, q.QuantConfig(keep=("first",), vnni_layout=True))
+    np.testing.assert_array_equal(_run(packed, x), _run(plain, x))
+
+
+def test_vnni_layout_residual_blocks_stay_packed_and_bit_identical():
+    """Two ResNet basic blocks, the second with the option-A shortcut (stride-2 slice + zero channel pad): the
+    activations stay NCHW16c from conv to conv (one unpack for the slice, one for the final mean), with the
+    same float32 bits as the NCHW int8 module."""
+    rng = np.random.default_rng(11)
+    ws = [rng.normal(0, 0.2, shape).astype(F32) for shape in
+          [(16, 16, 3, 3), (16, 16, 3, 3), (24, 16, 3, 3), (24, 24, 3, 3)]]
+    bs = [rng.normal(0, 0.1, (1, w.shape[0], 1, 1)).astype(F32) for w in ws]
+
+    def conv(bb, y, i, stride=1):
+        y = bb.emit(op.nn.conv2d(y, _c(ws[i]), strides=stride, padding=1))
+        return bb.emit(op.add(y, _c(bs[i])))
+
+    def body(bb, x):
+        x = bb.emit(op.nn.relu(x))
+        y = bb.emit(op.nn.relu(conv(bb, x, 0)))
+        x = bb.emit(op.nn.relu(bb.emit(op.add(conv(bb, y, 1), x))))
+        y = bb.emit(op.nn.relu(conv(bb, x, 2, stride=2)))
+        s = bb.emit(op.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[8, 8], strides=[2, 2]))
+        s = bb.emit(op.nn.pad(s, pad_width=[0, 0, 4, 4, 0, 0, 0, 0]))
+        x = bb.emit(op.nn.relu(bb.emit(op.add(conv(bb, y, 3), s))))
+        return bb.emit(op.mean(x, axis=[-1, -2], keepdims=False))
+
+    mod = _module((1, 16, 8, 8), body)
+    cal = q.calibrate(mod, rng.normal(size=(4, 16, 8, 8)).astype(F32))
+    plain, _ = q.quantize(mod, cal, q.QuantConfig(keep=()))
+    packed, rep = q.quantize(mod, cal, q.QuantConfig(keep=(), vnni_layout=True))
+    assert all("VNNI" in r["layout"] for r in rep["layers"])
+    text = packed.script(show_meta=False)
+    assert text.count("R.call_tir(cls.vnni_unpack") == 2 and "R.nn.conv2d(" not in text
+    x = rng.normal(size=(1, 16, 8, 8)).astype(F32)
+    np.testing.assert_array_equal(_run(packed, x), _run(plain, x))
+
+
+def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
+    """A short MetaSchedule run (the tune verb's tune_module: VNNI design space) on one small int8 conv; the build
+    applies the database (replaying the tensorize) and the library holds vpdpbusd."""
+    if not _has_avx512vnni():
+        pytest.skip("this CPU has no avx512vnni: nothing to tensorize with vpdpbusd")
+    from compiler import tuning
+    from compiler.tune import space_for, tune_module
+
+    spec = targets.get("host")
+    assert space_for("int8", tuning.tune_target(spec)) != "post-order-apply"
+    assert space_for("fp32", tuning.tune_target(spec)) == "post-order-apply"
+    rng = np.random.default_rng(10)
+    w = rng.normal(0, 0.2, (16, 16, 3, 3)).astype(F32)
+
+    def body(bb, x):
+        y = bb.emit(op.nn.relu(x))
+        return bb.emit(op.nn.conv2d(y, _c(w), padding=1))
+
+    mod = _module((1, 16, 8, 8), body)
+    cal = _fixed_calibration({"conv2d0": 3.0}, ["conv2d0"])
+    qmod, _ = q.quantize(mod, cal, q.config_for(spec, keep=()))
+    assert "conv2d_nchwc_int8" in qmod.script(show_meta=False)
+    # the variant hash names the packed conv's shapes (the module has no relax.nn.conv2d left)
+    sig = tuning.shape_signature(qmod)
+    assert [s[0] for s in sig] == ["call_tir:vnni_quantize_pack", "call_tir:conv2d_nchwc_int8", "call_tir:vnni_unpack"]
+    assert sig[1][1][1] == [[1, 1, 3, 3, 4, 16, 4], "int8"]
+    result = tune_module(qmod, spec, "tiny", "int8", 1, 6, directory=tmp_path / "db", trials_per_iter=2,
+                         population=8, seed=0, show_progress=False)
+    conv = [r for r in result["tasks"] if "conv2d_nchwc_int8" in r["task"]]
+    assert conv and conv[0]["best_ms"] is not None, result["tasks"]
+    db = tuning.open_database(tmp_path / "db")
+    assert tuning.tasks_applied(qmod, spec, db)["applied"] >= 1
+    ex = targets.compile_module(qmod, spec, database=db)
+    lib = tmp_path / "m.so"
+    ex.export_library(str(lib))
+    import subprocess
+
+    asm = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert asm.count("vpdpbusd") >= 1
+    x = rng.uniform(-1, 3, (1, 16, 8, 8)).astype(F32)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, _run(q.quantize(mod, cal, q.QuantConfig(keep=()))[0], x))
