@@ -29,13 +29,16 @@ def stats(seconds: list[float]) -> dict:
             "runs": len(ms)}
 
 
-def time_tvm(executable, batch: int, repeat: int, number: int, warmup: int) -> dict:
+def time_tvm(executable, batch: int, repeat: int, number: int, warmup: int, x: np.ndarray | None = None) -> dict:
+    """``x``: the input batch (float32 NCHW, ``batch`` images); default random normal."""
     import tvm
     from tvm import relax
 
     dev = tvm.cpu()
     vm = relax.VirtualMachine(executable, dev)
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype("float32"), dev)
+    if x is None:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype("float32")
+    x = tvm.runtime.tensor(np.ascontiguousarray(x, dtype="float32"), dev)
     vm.set_input("main", x)
     for _ in range(warmup):
         vm.invoke_stateful("main")
@@ -43,10 +46,11 @@ def time_tvm(executable, batch: int, repeat: int, number: int, warmup: int) -> d
     return stats(list(f("main").results))
 
 
-def time_pytorch(model, batch: int, repeat: int, number: int, warmup: int) -> dict:
+def time_pytorch(model, batch: int, repeat: int, number: int, warmup: int, x=None) -> dict:
+    """``x``: the input batch (a tensor or float32 NCHW array, ``batch`` images); default random normal."""
     import torch
 
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32) if x is None else torch.as_tensor(x)
     model.eval()
     results = []
     with torch.inference_mode():

@@ -24,6 +24,8 @@ VERBS = {
     "bench": ("compiler.bench", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
     "zoo": ("compiler.zoo.cli", "list the trained checkpoints shipped with the package, or add one with its card"),
     "tune": ("compiler.tune", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
+    "compare": ("compiler.compare", "PyTorch eager, ONNX Runtime, TVM (and TensorRT where present) side by side"),
+    "report": ("compiler.report", "the paper's table per model: baseline, pruned, pruned + int8, with plots"),
 }
 
 

@@ -1,0 +1,164 @@
+"""``compare`` and ``report`` end to end on small real inputs: a ResNet8 with random weights (BN randomized), a
+pruned copy made with the prune package's functions, and a tiny generated CIFAR-10 folder."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.checkpoint import save_checkpoint
+from compiler.models import build_model
+from helpers import randomize_bn
+
+ROWS_KEYS = {"engine", "model", "precision", "batch", "median_ms", "p90_ms", "available"}
+# ONNX Runtime fp32 against PyTorch fp32: float32 summation order differs, nothing else may
+ONNX_FP32_TOL = 1e-4
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def last_json(r):
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(capsys, *args):
+    """The CLI in this process (no second interpreter start-up): (exit code, stdout, stderr)."""
+    from compiler.cli import main as cli_main
+
+    capsys.readouterr()
+    code = cli_main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(result, pattern):
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """tiny npz CIFAR-10 (64 train, 32 test), a dense resnet8 checkpoint and a 40%-FLOPs pruned one."""
+    from compiler.prune import dependency, importance, pruner
+
+    root = tmp_path_factory.mktemp("cr")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        np.savez(root / f"cifar10_{split}.npz", x=rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, size=(n,), dtype=np.int64))
+    torch.manual_seed(0)
+    model = build_model("resnet8")
+    randomize_bn(model)
+    model.eval()
+    save_checkpoint(root / "dense.pt", "resnet8", model, "cifar")
+    graph = dependency.analyze(model)
+    res = pruner.prune(model, graph, importance.compute("l1", model, graph, None), 0.4)
+    record = pruner.make_record(graph, res.masks, criterion="l1", flops_reduction_requested=0.4, round_to=8,
+                                floor=0.1, prune_stream=False, flops_reduction=res.flops_reduction,
+                                flops_dense=res.flops_dense, flops_pruned=res.flops_pruned,
+                                params_dense=res.params_dense, params_pruned=res.params_pruned)
+    save_checkpoint(root / "pruned.pt", "resnet8", model, "cifar", pruning=record)
+    return root
+
+
+def test_compare_rows_side_by_side(small, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from compiler.checkpoint import load_checkpoint
+
+    keep = tmp_path / "keep"
+    out = last_json(cli("compare", "--model", "resnet8", "--checkpoint", small / "dense.pt",
+                        "--pruned", small / "pruned.pt", "--data", small, "--batch", 2, "--repeat", 2,
+                        "--number", 1, "--warmup", 1, "--calib-images", 32, "--keep", keep, "--threads", 1,
+                        "--json"))
+    rows = out["rows"]
+    assert all(ROWS_KEYS <= set(r) for r in rows)
+    have = {(r["engine"], r["model"], r["precision"]) for r in rows if r["available"]}
+    assert have >= {("pytorch", "dense", "fp32"), ("pytorch", "pruned", "fp32"),
+                    ("onnxruntime", "dense", "fp32"), ("onnxruntime", "pruned", "fp32"),
+                    ("onnxruntime", "pruned", "int8"),
+                    ("tvm", "dense", "fp32"), ("tvm", "pruned", "fp32"), ("tvm", "pruned", "int8")}
+    for r in rows:
+        assert r["engine"] in ("pytorch", "onnxruntime", "tvm", "tensorrt") and r["model"] in ("dense", "pruned")
+        if r["available"]:
+            assert r["batch"] == 2 and 0 < r["median_ms"] <= r["p90_ms"] and r["speedup"] > 0
+        else:
+            assert r["reason"] and r["median_ms"] is None
+    base = next(r for r in rows if (r["engine"], r["model"], r["precision"]) == ("pytorch", "dense", "fp32"))
+    assert base["speedup"] == 1.0
+    trt = [r for r in rows if r["engine"] == "tensorrt"]
+    assert trt
+    if not torch.cuda.is_available():
+        assert len(trt) == 1 and not trt[0]["available"] and "not available on this machine" in trt[0]["reason"]
+    # fp32 engines agree with PyTorch on the same images; int8 stays close
+    for r in rows:
+        if r["available"] and r["precision"] == "fp32" and r["engine"] != "pytorch":
+            assert r["max_abs_diff"] < ONNX_FP32_TOL and r["argmax_agree"] == 100.0, r
+    # the exported ONNX (opset 18) run by ONNX Runtime equals PyTorch within ONNX_FP32_TOL
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for kind, ckpt in (("dense", "dense.pt"), ("pruned", "pruned.pt")):
+        path = keep / f"resnet8-{kind}-fp32.onnx"
+        assert max(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")) == 18
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        with torch.inference_mode():
+            ref = load_checkpoint(small / ckpt).model(x).numpy()
+        assert np.abs(got - ref).max() < ONNX_FP32_TOL * max(1.0, float(np.abs(ref).max()))
+    int8 = out["onnx"]["pruned-int8"]
+    assert int8["format"] == "QDQ" and len(int8["kept_fp32"]) == 2  # first conv and the classifier, as TVM
+
+
+def test_report_writes_table_plots_and_matches_eval(small, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    res = last_json(cli("report", "--models", "resnet8", "--checkpoint", small / "dense.pt", "--data", small,
+                        "--out", out_dir, "--limit-test", 16, "--repeat", 2, "--number", 1, "--warmup", 1,
+                        "--throughput-batch", 2, "--throughput-repeat", 1, "--calib-images", 32, "--threads", 1,
+                        "--json"))
+    for name in ("report.md", "report.json", "accuracy_vs_flops.png", "latency_per_stage.png"):
+        assert (out_dir / name).is_file(), name
+    for png in ("accuracy_vs_flops.png", "latency_per_stage.png"):
+        assert (out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out_dir / "report.json").read_text())["rows"] == res["rows"]
+    rows = res["rows"]
+    assert [r["stage"] for r in rows] == ["baseline", "pruned", "pruned + int8"]
+    assert [r["precision"] for r in rows] == ["fp32", "fp32", "int8"]
+    assert not rows[0]["one_shot"] and rows[1]["one_shot"] and rows[2]["one_shot"]  # no --pruned: pruned here
+    assert rows[1]["macs"] < 0.6 * rows[0]["macs"] and rows[1]["macs"] == rows[2]["macs"]
+    assert rows[2]["weight_bytes"] < rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
+    assert all(r["n_test"] == 16 and r["latency_ms"] > 0 and r["throughput_ips"] > 0 for r in rows)
+    md = (out_dir / "report.md").read_text()
+    assert "ONE-SHOT" in md and "| resnet8 | baseline |" in md and "--limit-test" in md
+    # the table's top-1 is what `eval --artifact` prints for the same artifact
+    for r in (rows[0], rows[2]):
+        code, out, err = main(capsys, "eval", "--artifact", r["accuracy_artifact"], "--data", small, "--limit", 16,
+                              "--json")
+        assert code == 0, err
+        ev = json.loads(out.strip().splitlines()[-1])
+        assert ev["top1"] == r["top1"] and ev["n"] == 16
+
+
+def test_bad_inputs(small, tmp_path, capsys):
+    def cli(*args):
+        return main(capsys, *args)
+
+    assert_user_error(cli("compare", "--checkpoint", tmp_path / "none.pt", "--data", small), "does not exist")
+    assert_user_error(cli("compare", "--model", "resnet21", "--checkpoint", small / "dense.pt", "--data", small),
+                      "unknown model")
+    assert_user_error(cli("compare", "--checkpoint", small / "dense.pt", "--pruned", small / "dense.pt",
+                          "--data", small), "not a pruned checkpoint")
+    assert_user_error(cli("report", "--models", "resnet21", "--data", small, "--out", tmp_path / "r"),
+                      "unknown model")
+    assert_user_error(cli("report", "--models", "resnet8", "--checkpoint", tmp_path / "none.pt", "--data", small,
+                          "--out", tmp_path / "r"), "does not exist")
+    assert not (tmp_path / "r").exists()
