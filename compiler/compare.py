@@ -360,14 +360,7 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = console.cpu_name()
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "tvm_num_threads_env": os.environ.get("TVM_NUM_THREADS"), "platform": platform.platform()}
     if hasattr(os, "getloadavg"):

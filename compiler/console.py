@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import tempfile
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -74,3 +76,15 @@ def filter_native_stderr(drop: tuple[str, ...] = TVM_NOISE):
                 if not any(d in line for d in drop):
                     sys.stderr.write(line)
             sys.stderr.flush()
+
+
+def cpu_name() -> str:
+    """This machine's CPU model (from /proc/cpuinfo where there is one), for tables and model cards."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu

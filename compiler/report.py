@@ -410,8 +410,9 @@ def run(args) -> dict:
     for r in rows:  # a tuned batch-1 build beside an untuned batch-N one: say why batching looks slower
         if r["throughput_ips"] < 1e3 / r["latency_ms"] and r["kernels_b1"] != r["kernels_throughput"]:
             notes.append(f"{r['model']} {r['stage']}: batch-{r['throughput_batch']} throughput "
-                         f"({r['throughput_ips']:g} img/s) is below the batch-1 rate ({1e3 / r['latency_ms']:.1f} img/s "
-                         f"= 1000 / {r['latency_ms']:g} ms): the batch-1 build is {r['kernels_b1']}, the "
+                         f"({r['throughput_ips']:g} img/s) is below the batch-1 rate "
+                         f"({1e3 / r['latency_ms']:.1f} img/s = 1000 / {r['latency_ms']:g} ms): the batch-1 build is "
+                         f"{r['kernels_b1']}, the "
                          f"batch-{r['throughput_batch']} build {r['kernels_throughput']}")
     if args.limit_test:
         notes.append(f"top-1 on the first {args.limit_test:,} test images only (--limit-test), not all "

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -163,14 +162,7 @@ def device_name(device: str) -> str:
     """What trained it, for the model card: the GPU's name, or the CPU's model and core count."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = console.cpu_name()
     return f"{cpu}, {os.cpu_count()} cores"
 
 

@@ -188,14 +188,11 @@ def pack_channels(v: np.ndarray, fill: float = 0.0) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(1, ocp // OC_BLOCK, 1, 1, OC_BLOCK))
 
 
-def quantize_pack(x, scale, ic_bn: int, padding, out_dtype: str = "uint8"):
-    """TE: quantize a float NCHW tensor (``clip(round(x / scale), qmin, qmax)``, zero point 0: exactly what
-    ``R.quantize`` lowers to) straight into NCHW[ic_bn]c with the conv's spatial zero padding (``padding``: top,
-    left, bottom, right) and zero channels up to whole blocks. ``scale``: a ``(1,)`` float32 tensor, so the kernel
-    does not depend on the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
+def _quantize_blocks(read, n: int, c: int, h: int, w: int, scale, ic_bn: int, padding, out_dtype: str, name: str):
+    """TE: ``clip(round(read(b, ch, y, x) / scale), qmin, qmax)`` laid out NCHW[ic_bn]c with the conv's spatial
+    zero padding and zero channels up to whole blocks; ``read`` reads the float input in its own layout."""
     from tvm import te, tirx
 
-    n, c, h, w = (int(d) for d in x.shape)
     icp = -(-c // ic_bn) * ic_bn
     top, left, bottom, right = (int(p) for p in padding)
     shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
@@ -205,10 +202,20 @@ def quantize_pack(x, scale, ic_bn: int, padding, out_dtype: str = "uint8"):
         ch = cb * ic_bn + ci
         yy, xw = y - top, xx - left
         inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
-        q = te.max(te.min(te.round(x[b, ch, yy, xw] / scale[0]), hi), lo).astype(out_dtype)
+        q = te.max(te.min(te.round(read(b, ch, yy, xw) / scale[0]), hi), lo).astype(out_dtype)
         return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
 
-    return te.compute(shape, f, name="quantize_pack")
+    return te.compute(shape, f, name=name)
+
+
+def quantize_pack(x, scale, ic_bn: int, padding, out_dtype: str = "uint8"):
+    """TE: quantize a float NCHW tensor (``clip(round(x / scale), qmin, qmax)``, zero point 0: exactly what
+    ``R.quantize`` lowers to) straight into NCHW[ic_bn]c with the conv's spatial zero padding (``padding``: top,
+    left, bottom, right) and zero channels up to whole blocks. ``scale``: a ``(1,)`` float32 tensor, so the kernel
+    does not depend on the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
+    n, c, h, w = (int(d) for d in x.shape)
+    return _quantize_blocks(lambda b, ch, y, xw: x[b, ch, y, xw], n, c, h, w, scale, ic_bn, padding, out_dtype,
+                            "quantize_pack")
 
 
 def conv2d_nchwc_int8(data, kernel, strides, dilation):
@@ -248,23 +255,9 @@ def unpack(y, channels: int):
 def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: str = "uint8"):
     """TE: :func:`quantize_pack` of a float tensor that is already NCHW16c (``xp``: ``(N, C/16, H, W, 16)``, the
     first ``channels`` real): reads it in its own layout, so the kernel streams contiguous memory."""
-    from tvm import te, tirx
-
     n, _, h, w, ob = (int(d) for d in xp.shape)
-    c = int(channels)
-    icp = -(-c // ic_bn) * ic_bn
-    top, left, bottom, right = (int(p) for p in padding)
-    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
-    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
-
-    def f(b, cb, y, xx, ci):
-        ch = cb * ic_bn + ci
-        yy, xw = y - top, xx - left
-        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
-        q = te.max(te.min(te.round(xp[b, ch // ob, yy, xw, ch % ob] / scale[0]), hi), lo).astype(out_dtype)
-        return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
-
-    return te.compute(shape, f, name="quantize_repack")
+    return _quantize_blocks(lambda b, ch, y, xw: xp[b, ch // ob, y, xw, ch % ob], n, int(channels), h, w, scale,
+                            ic_bn, padding, out_dtype, "quantize_repack")
 
 
 def pack_float(x):
