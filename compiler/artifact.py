@@ -28,15 +28,20 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def check_runs_here(folder: str | Path, manifest: dict) -> None:
+    """A clear error unless the artifact was built for this machine's CPU."""
+    if manifest["target"]["cross_compiled"] or manifest["target"]["kind"] != "cpu":
+        raise UserError(f"{folder} was built for {manifest['target']['name']}, which this machine cannot run; "
+                        "run it on the board (see deploy/README.md) or build with --target host")
+
+
 def load_local(folder: str | Path):
     """(executable, manifest) of an artifact that runs on this machine; checks the library's sha256."""
     import tvm
 
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if manifest["target"]["cross_compiled"] or manifest["target"]["kind"] != "cpu":
-        raise UserError(f"{folder} was built for {manifest['target']['name']}, which this machine cannot run; "
-                        "run it on the board (see deploy/README.md) or build with --target host")
+    check_runs_here(folder, manifest)
     lib = folder / LIBRARY
     if not lib.is_file() or sha256_file(lib) != manifest["artifact"]["sha256"]:
         raise UserError(f"{lib} is missing or does not match the sha256 in its manifest")

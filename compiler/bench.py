@@ -46,22 +46,32 @@ def time_tvm(executable, batch: int, repeat: int, number: int, warmup: int, x: n
     return stats(list(f("main").results))
 
 
+def time_calls(call, repeat: int, number: int, warmup: int, sync=None) -> dict:
+    """Wall-clock timing of ``call()``: ``warmup`` calls, then ``repeat`` runs of ``number`` calls each (a run's
+    time is their mean); ``sync()``, when given, waits for queued work (a GPU stream) before a clock is read."""
+    for _ in range(warmup):
+        call()
+    if sync:
+        sync()
+    results = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(number):
+            call()
+        if sync:
+            sync()
+        results.append((time.perf_counter() - t) / number)
+    return stats(results)
+
+
 def time_pytorch(model, batch: int, repeat: int, number: int, warmup: int, x=None) -> dict:
     """``x``: the input batch (a tensor or float32 NCHW array, ``batch`` images); default random normal."""
     import torch
 
     x = torch.randn(batch, 3, 32, 32) if x is None else torch.as_tensor(x)
     model.eval()
-    results = []
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(repeat):
-            t = time.perf_counter()
-            for _ in range(number):
-                model(x)
-            results.append((time.perf_counter() - t) / number)
-    return stats(results)
+        return time_calls(lambda: model(x), repeat, number, warmup)
 
 
 def run(args) -> dict:

@@ -236,15 +236,7 @@ def ort_session(path: Path, threads: int):
 
 def time_ort(session, x: np.ndarray, repeat: int, number: int, warmup: int) -> dict:
     feed = {session.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    results = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(number):
-            session.run(None, feed)
-        results.append((time.perf_counter() - t) / number)
-    return bench.stats(results)
+    return bench.time_calls(lambda: session.run(None, feed), repeat, number, warmup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,21 +297,9 @@ def time_tensorrt(onnx_path: Path, prec: str, x: np.ndarray, repeat: int, number
     context.set_tensor_address(name, xin.data_ptr())
     context.set_tensor_address(out_name, out.data_ptr())
     stream = torch.cuda.Stream()
-
-    def call():
-        context.execute_async_v3(stream.cuda_stream)
-
-    for _ in range(warmup):
-        call()
-    stream.synchronize()
-    results = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(number):
-            call()
-        stream.synchronize()
-        results.append((time.perf_counter() - t) / number)
-    return bench.stats(results), out.cpu().numpy()
+    stats = bench.time_calls(lambda: context.execute_async_v3(stream.cuda_stream), repeat, number, warmup,
+                             sync=stream.synchronize)
+    return stats, out.cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,12 +324,6 @@ def tuning_note(manifest: dict) -> str:
     if t.get("database"):
         return f"tuned ({t.get('tasks_applied')}/{t.get('tasks')} kernels, {t['database']})"
     return "untuned"
-
-
-def run_tvm(executable, x: np.ndarray, batch: int) -> np.ndarray:
-    from compiler.build import run_module
-
-    return run_module(executable, x, batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,7 +371,7 @@ def run(args) -> dict:
     import torch
 
     from compiler import artifact
-    from compiler.build import parse_keep
+    from compiler.build import parse_keep, run_module
 
     _check_args(args)
     threads = set_threads(args.threads)
@@ -412,9 +386,7 @@ def run(args) -> dict:
         manifest = artifact.read_manifest(folder)
         if manifest["model"] != name:
             raise UserError(f"{folder} is a {manifest['model']} artifact, not {name}")
-        if manifest["target"]["cross_compiled"] or manifest["target"]["kind"] != "cpu":
-            raise UserError(f"{folder} was built for {manifest['target']['name']}, which this machine cannot run; "
-                            "build with --target host")
+        artifact.check_runs_here(folder, manifest)
         sha = manifest["checkpoint"].get("sha256")
         kind = ("pruned" if pruned is not None and sha == pruned.sha256 else "dense" if sha == dense.sha256
                 else "pruned" if manifest["checkpoint"].get("pruning") else "dense")
@@ -556,7 +528,7 @@ def run(args) -> dict:
             steps.set_postfix_str(f"tvm {kind} {m['precision']}")
             executable, m = artifact.load_local(folder)
             stats = bench.time_tvm(executable, batch, x=x_of[kind], **timing)
-            logits = run_tvm(executable, check_of[kind], batch)
+            logits = run_module(executable, check_of[kind], batch)
             rows.append(_row("tvm", kind, m["precision"], batch, stats, **_agreement(logits, reference[kind]),
                              note=tuning_note(m), artifact=str(folder) if args.keep or given else None))
             steps.update()
