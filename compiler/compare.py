@@ -89,20 +89,32 @@ def set_threads(n: int | None) -> int:
 
 def load_models(model: str | None, checkpoint: str | None, pruned: str | None, normalize: str | None):
     """(dense Checkpoint, pruned Checkpoint or None, physically shrunk pruned nn.Module or None)."""
-    from compiler import checkpoint as ckpt_mod
     from compiler import zoo
 
-    dense = zoo.load(model, checkpoint, normalize)
-    if dense.pruning:
-        raise UserError(f"{dense.path} is a pruned checkpoint; pass the dense original as --checkpoint "
-                        "and this one as --pruned")
+    dense = check_dense(zoo.load(model, checkpoint, normalize))
     if pruned is None:
         return dense, None, None
-    pr = ckpt_mod.load_checkpoint(pruned, dense.model_name, normalize)
-    if not pr.pruning:
-        raise UserError(f"{pruned} is not a pruned checkpoint (no pruning record); pass the output of "
-                        "`python -m compiler prune` as --pruned")
+    pr = load_pruned(pruned, dense.model_name, normalize)
     return dense, pr, shrunk(pr)
+
+
+def check_dense(ck):
+    """``ck`` itself, or a clear error when it is a pruned checkpoint given as the baseline."""
+    if ck.pruning:
+        raise UserError(f"{ck.path} is a pruned checkpoint; pass its dense original as --checkpoint "
+                        "and it as --pruned")
+    return ck
+
+
+def load_pruned(path, model_name: str, normalize: str | None):
+    """The ``--pruned`` checkpoint, or a clear error when it has no pruning record."""
+    from compiler import checkpoint as ckpt_mod
+
+    pr = ckpt_mod.load_checkpoint(path, model_name, normalize)
+    if not pr.pruning:
+        raise UserError(f"{path} is not a pruned checkpoint (no pruning record); pass the output of "
+                        "`python -m compiler prune` as --pruned")
+    return pr
 
 
 def shrunk(pr):

@@ -126,9 +126,8 @@ def prune_one_shot(name: str, checkpoint: str, normalize: str, args, out: Path) 
 
 def resolve(args) -> list[dict]:
     """Per model: name, baseline Checkpoint, pruned checkpoint path (or None: prune here), or a skip note."""
-    from compiler import checkpoint, zoo
-
-    from compiler import models
+    from compiler import models, zoo
+    from compiler.compare import check_dense, load_pruned
 
     names = [models.check_name(n) for n in args.models]  # an unknown name is a mistake, not a skip
     plans, errors = [], []
@@ -142,15 +141,8 @@ def resolve(args) -> list[dict]:
                 raise
             errors.append(f"{name}: {e}")
             continue
-        if base.pruning:
-            raise UserError(f"{base.path} is a pruned checkpoint; pass its dense original as --checkpoint "
-                            "and it as --pruned")
-        pruned = None
-        if pr_path is not None:
-            pruned = checkpoint.load_checkpoint(pr_path, base.model_name, args.normalize)
-            if not pruned.pruning:
-                raise UserError(f"{pr_path} is not a pruned checkpoint (no pruning record); pass the output of "
-                                "`python -m compiler prune` as --pruned")
+        check_dense(base)
+        pruned = None if pr_path is None else load_pruned(pr_path, base.model_name, args.normalize)
         plans.append({"model": base.model_name, "baseline": base, "pruned": pruned})
     if not plans:
         raise UserError("no model has a baseline checkpoint (" + "; ".join(errors) + ")")
