@@ -16,79 +16,86 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
-INTRIN_NAME = "dot_16x4_vnni_llvm22"
+INTRIN_NAME = "dot_16x4_vnni_llvm22"  # 16 int32 lanes: vpdpbusd on a zmm register (AVX-512 VNNI)
+INTRIN_NAME_8 = "dot_8x4_vnni_llvm22"  # 8 int32 lanes: vpdpbusd on a ymm register (AVX-512 VNNI + VL)
 TVM_NAME = "dot_16x4_vnni"
-OC_BLOCK = 16  # output channels per vpdpbusd (16 int32 lanes of a zmm register)
+OC_BLOCK = 16  # output channels per zmm vpdpbusd: the block of every conv whose width is a multiple of 16
+OC_BLOCKS = {16: INTRIN_NAME, 8: INTRIN_NAME_8}  # output-channel block -> the intrinsic that computes it
 K_BLOCK = 4  # input channels per lane (4 bytes of one int32 lane)
 # names of the PrimFuncs the packed int8 rewrite (passes.quantize) emits: compiler.tuning names variants by them
-PACK_NAME, CONV_NAME, UNPACK_NAME = "vnni_quantize_pack", "conv2d_nchwc_int8", "vnni_unpack"
+CONV_NAME, UNPACK_NAME = "conv2d_nchwc_int8", "vnni_unpack"
 REPACK_NAME, FLOAT_PACK_NAME = "vnni_quantize_repack", "vnni_pack_float"
-KERNEL_NAMES = (PACK_NAME, CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME)
+KERNEL_NAMES = (CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME)
 
 
-@T.prim_func(s_tir=True)
-def _desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _intrinsic(lanes: int):
+    """``(desc, impl)`` of ``C[lanes] += sum_k u8 A[k] * s8 B[i, k]`` (k < 4) with the LLVM 22 vpdpbusd of
+    ``lanes`` x 32 bits: the 4 activation bytes broadcast as one i32 to every lane, both multiplicands
+    reinterpreted as ``int8 x (4 * lanes)``."""
+    bytes_type, acc_type = f"int8x{4 * lanes}", f"int32x{lanes}"
+    llvm_name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
 
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-@T.prim_func(s_tir=True)
-def _impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        A_u8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="int8x64")
-        B_i8x64 = B.vload([0, 0], dtype="int8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            A_u8x64,
-            B_i8x64,
-            dtype="int32x16",
-        )
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            A_bytes = T.reinterpret(T.broadcast(A_i32, lanes), dtype=bytes_type)
+            B_bytes = B.vload([0, 0], dtype=bytes_type)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                C.vload([0], dtype=acc_type),
+                A_bytes,
+                B_bytes,
+                dtype=acc_type,
+            )
+
+    return desc, impl
 
 
 _registered = False
 
 
 def register() -> str:
-    """Register the working intrinsic (idempotent); returns :data:`INTRIN_NAME`."""
+    """Register the working intrinsics, 16 and 8 lanes (idempotent); returns :data:`INTRIN_NAME`."""
     global _registered
     if _registered:
         return INTRIN_NAME
     from tvm.s_tir import TensorIntrin
 
-    # only under our own name: importing tvm.s_tir.tensor_intrin (to override TVM's broken one) parses every
+    # only under our own names: importing tvm.s_tir.tensor_intrin (to override TVM's broken one) parses every
     # target's intrinsics (minutes), and a later import of it would refuse a name registered before it
-    TensorIntrin.register(INTRIN_NAME, _desc, _impl, override=True)
+    for lanes, name in OC_BLOCKS.items():
+        TensorIntrin.register(name, *_intrinsic(lanes), override=True)
     _registered = True
     return INTRIN_NAME
 
 
-def schedule_rules() -> list:
-    """MetaSchedule rules for x86 VNNI targets: TVM 0.27 has no VNNI default any more (only ``ScheduleRule.create
-    ("llvm")``), so put a MultiLevelTilingWithIntrin for our intrinsic in front of the LLVM defaults (TVM's old
-    DefaultVNNI did the same). Use as ``PostOrderApply(sch_rules=schedule_rules())``."""
+def _tiling_with(intrin: str):
     from tvm.s_tir import meta_schedule as ms
 
-    register()
-    vnni = ms.schedule_rule.MultiLevelTilingWithIntrin(
-        INTRIN_NAME,
+    return ms.schedule_rule.MultiLevelTilingWithIntrin(
+        intrin,
         structure="SSRSRS",
         tile_binds=None,
         max_innermost_factor=64,
@@ -96,7 +103,66 @@ def schedule_rules() -> list:
         reuse_read=None,
         reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global"),
     )
-    return [vnni] + list(ms.schedule_rule.ScheduleRule.create("llvm"))
+
+
+def output_block(sch, block_rv) -> int | None:
+    """The output-channel block of a packed int8 conv2d block (the last axis of the int32 NCHW[ob]c it writes),
+    else None."""
+    block = sch.get(block_rv)
+    if len(block.writes) != 1:
+        return None
+    buf = block.writes[0].source  # the buffer written (TVM 0.27: a TensorRegion's source)
+    if str(buf.dtype) != "int32" or len(buf.shape) != 5:
+        return None
+    try:
+        ob = int(buf.shape[-1])
+    except TypeError:  # a symbolic extent
+        return None
+    return ob if ob in OC_BLOCKS else None
+
+
+_rule_class = None
+
+
+def _vnni_rule_class():
+    """A ScheduleRule that tensorizes each packed conv2d with the intrinsic of its output block: the 16-lane one
+    would not fit an 8-block, and the 8-lane one would also match (and split) every 16-block, doubling the space."""
+    global _rule_class
+    if _rule_class is not None:
+        return _rule_class
+    from tvm.s_tir.meta_schedule.schedule_rule import PyScheduleRule
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class VNNITilingByBlock(PyScheduleRule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rules = {ob: _tiling_with(name) for ob, name in OC_BLOCKS.items()}
+
+        def _initialize_with_tune_context(self, context) -> None:
+            for rule in self.rules.values():
+                rule._initialize_with_tune_context(context)
+
+        def apply(self, sch, block):
+            ob = output_block(sch, block)
+            return self.rules[ob].apply(sch, block) if ob is not None else [sch]
+
+        def clone(self):
+            return VNNITilingByBlock()
+
+    _rule_class = VNNITilingByBlock
+    return _rule_class
+
+
+def schedule_rules() -> list:
+    """MetaSchedule rules for x86 VNNI targets: TVM 0.27 has no VNNI default any more (only ``ScheduleRule.create
+    ("llvm")``), so put a MultiLevelTilingWithIntrin for our intrinsics in front of the LLVM defaults (TVM's old
+    DefaultVNNI did the same), picking the 16- or 8-lane intrinsic by the conv's output block. Use as
+    ``PostOrderApply(sch_rules=schedule_rules())``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    register()
+    return [_vnni_rule_class()()] + list(ms.schedule_rule.ScheduleRule.create("llvm"))
 
 
 def postprocs() -> list:
@@ -124,7 +190,7 @@ def space_generator():
 
 def target_has_vnni(target) -> bool:
     """Whether the LLVM ``target`` (a tvm Target, its JSON dict, or a targets.TargetSpec) is x86 with AVX-512 VNNI:
-    the 512-bit ``vpdpbusd`` the intrinsic emits."""
+    the 512-bit and 256-bit ``vpdpbusd`` the intrinsics emit."""
     import tvm
     from tvm.target import codegen
 
@@ -139,7 +205,8 @@ def target_has_vnni(target) -> bool:
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return False
     try:
-        return "avx512vnni" in set(str(f) for f in codegen.llvm_get_cpu_features(target))
+        features = set(str(f) for f in codegen.llvm_get_cpu_features(target))
+        return {"avx512vnni", "avx512vl"} <= features  # VL: the 8-lane (ymm) vpdpbusd
     except Exception:  # noqa: BLE001 - an unknown CPU name
         return False
 
@@ -147,11 +214,13 @@ def target_has_vnni(target) -> bool:
 # ---------------------------------------------------------------- the packed int8 conv2d layout
 #
 #   data   NCHW[ic_bn]c        (N, IC/ic_bn, H, W, ic_bn) uint8, zero padded spatially and to whole blocks
-#   kernel OIHW[ic_bn/4]i16o4i (OC/16, IC/ic_bn, KH, KW, ic_bn/4, 16, 4) int8, zero padded to whole blocks
-#   out    NCHW16c             (N, OC/16, OH, OW, 16) int32
+#   kernel OIHW[ic_bn/4]i[ob]o4i (OC/ob, IC/ic_bn, KH, KW, ic_bn/4, ob, 4) int8, zero padded to whole blocks
+#   out    NCHW[ob]c           (N, OC/ob, OH, OW, ob) int32
 #
-# The innermost 16 x 4 weight tile and the 4 input channels it multiplies are contiguous: exactly the operands of
-# one vpdpbusd (C[16] += sum_k u8 A[k] * s8 B[i, k]), so MultiLevelTilingWithIntrin can tensorize the conv.
+# ob (:func:`oc_block`) is 16 (zmm) where the conv's width is a multiple of 16 and 8 (ymm) where 8-blocks pad
+# less (pruned widths 8, 24, 40, 56: no padded weights, no wasted multiply-adds). The innermost ob x 4 weight tile
+# and the 4 input channels it multiplies are contiguous: exactly the operands of one vpdpbusd
+# (C[ob] += sum_k u8 A[k] * s8 B[i, k]), so MultiLevelTilingWithIntrin can tensorize the conv.
 
 
 def ic_block(ic: int) -> tuple[int, int]:
@@ -164,68 +233,47 @@ def ic_block(ic: int) -> tuple[int, int]:
     raise AssertionError("unreachable: icp is a multiple of 4")
 
 
+def _round_up(n: int, block: int) -> int:
+    return -(-int(n) // block) * block
+
+
+def oc_block(oc: int) -> int:
+    """Output channels per block of a conv with ``oc`` outputs: 16 unless 8-blocks need less padding."""
+    return 8 if _round_up(oc, 8) < _round_up(oc, 16) else OC_BLOCK
+
+
 def oc_padded(oc: int) -> int:
-    return -(-int(oc) // OC_BLOCK) * OC_BLOCK
+    return _round_up(oc, oc_block(oc))
 
 
 def pack_weight(wq: np.ndarray) -> np.ndarray:
-    """OIHW int8 -> OIHW[ic_bn/4]i16o4i (``(OC/16, IC/ic_bn, KH, KW, ic_bn/4, 16, 4)``), zero channels padded in."""
+    """OIHW int8 -> OIHW[ic_bn/4]i[ob]o4i (``(OC/ob, IC/ic_bn, KH, KW, ic_bn/4, ob, 4)``), zero channels padded in."""
     oc, ic, kh, kw = wq.shape
     icp, bn = ic_block(ic)
-    ocp = oc_padded(oc)
+    ob, ocp = oc_block(oc), oc_padded(oc)
     w = np.zeros((ocp, icp, kh, kw), dtype=wq.dtype)
     w[:oc, :ic] = wq
-    w = w.reshape(ocp // OC_BLOCK, OC_BLOCK, icp // bn, bn // K_BLOCK, K_BLOCK, kh, kw)
+    w = w.reshape(ocp // ob, ob, icp // bn, bn // K_BLOCK, K_BLOCK, kh, kw)
     return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
 
 
 def pack_channels(v: np.ndarray, fill: float = 0.0) -> np.ndarray:
-    """A per-output-channel vector -> ``(1, OC/16, 1, 1, 16)`` (NCHW16c broadcast), padded with ``fill``."""
+    """A per-output-channel vector -> ``(1, OC/ob, 1, 1, ob)`` (NCHW[ob]c broadcast), padded with ``fill``."""
     v = np.asarray(v).ravel()
-    ocp = oc_padded(len(v))
+    ob, ocp = oc_block(len(v)), oc_padded(len(v))
     out = np.full(ocp, fill, dtype=v.dtype)
     out[:len(v)] = v
-    return np.ascontiguousarray(out.reshape(1, ocp // OC_BLOCK, 1, 1, OC_BLOCK))
-
-
-def _quantize_blocks(read, n: int, c: int, h: int, w: int, scale, ic_bn: int, padding, out_dtype: str, name: str):
-    """TE: ``clip(round(read(b, ch, y, x) / scale), qmin, qmax)`` laid out NCHW[ic_bn]c with the conv's spatial
-    zero padding and zero channels up to whole blocks; ``read`` reads the float input in its own layout."""
-    from tvm import te, tirx
-
-    icp = -(-c // ic_bn) * ic_bn
-    top, left, bottom, right = (int(p) for p in padding)
-    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
-    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
-
-    def f(b, cb, y, xx, ci):
-        ch = cb * ic_bn + ci
-        yy, xw = y - top, xx - left
-        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
-        q = te.max(te.min(te.round(read(b, ch, yy, xw) / scale[0]), hi), lo).astype(out_dtype)
-        return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
-
-    return te.compute(shape, f, name=name)
-
-
-def quantize_pack(x, scale, ic_bn: int, padding, out_dtype: str = "uint8"):
-    """TE: quantize a float NCHW tensor (``clip(round(x / scale), qmin, qmax)``, zero point 0: exactly what
-    ``R.quantize`` lowers to) straight into NCHW[ic_bn]c with the conv's spatial zero padding (``padding``: top,
-    left, bottom, right) and zero channels up to whole blocks. ``scale``: a ``(1,)`` float32 tensor, so the kernel
-    does not depend on the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
-    n, c, h, w = (int(d) for d in x.shape)
-    return _quantize_blocks(lambda b, ch, y, xw: x[b, ch, y, xw], n, c, h, w, scale, ic_bn, padding, out_dtype,
-                            "quantize_pack")
+    return np.ascontiguousarray(out.reshape(1, ocp // ob, 1, 1, ob))
 
 
 def conv2d_nchwc_int8(data, kernel, strides, dilation):
-    """TE: int32 conv2d of packed uint8 ``data`` (already zero padded) and packed int8 ``kernel`` -> NCHW16c.
+    """TE: int32 conv2d of packed uint8 ``data`` (already zero padded) and packed int8 ``kernel`` -> NCHW[ob]c.
     The same sum as ``R.nn.conv2d(..., out_dtype="int32")`` in NCHW, reordered: bit-identical results."""
     from tvm import te
 
     n, icc, ih, iw, icb = (int(d) for d in data.shape)
     occ, icc2, kh, kw, icf, ocb, k4 = (int(d) for d in kernel.shape)
-    assert icc == icc2 and icf * k4 == icb and ocb == OC_BLOCK and k4 == K_BLOCK, (data.shape, kernel.shape)
+    assert icc == icc2 and icf * k4 == icb and ocb in OC_BLOCKS and k4 == K_BLOCK, (data.shape, kernel.shape)
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilation)
     oh = (ih - (kh - 1) * dh - 1) // sh + 1
@@ -245,7 +293,7 @@ def conv2d_nchwc_int8(data, kernel, strides, dilation):
 
 
 def unpack(y, channels: int):
-    """TE: NCHW16c -> NCHW, dropping the padding channels beyond ``channels``."""
+    """TE: NCHW[ob]c -> NCHW, dropping the padding channels beyond ``channels``."""
     from tvm import te
 
     n, _, h, w, ocb = (int(d) for d in y.shape)
@@ -253,22 +301,41 @@ def unpack(y, channels: int):
 
 
 def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: str = "uint8"):
-    """TE: :func:`quantize_pack` of a float tensor that is already NCHW16c (``xp``: ``(N, C/16, H, W, 16)``, the
-    first ``channels`` real): reads it in its own layout, so the kernel streams contiguous memory."""
+    """TE: quantize a float tensor that is NCHW[ob]c (``xp``: ``(N, C/ob, H, W, ob)``, the first ``channels``
+    real; :func:`pack_float` makes one of an NCHW tensor) to ``clip(round(x / scale), qmin, qmax)``, zero point 0
+    (exactly what ``R.quantize`` lowers to), laid out NCHW[ic_bn]c for the next conv, with its spatial zero padding
+    (``padding``: top, left, bottom, right) and zero channels up to whole blocks. Reads ``xp`` in its own layout, so
+    the kernel streams contiguous memory. ``scale``: a ``(1,)`` float32 tensor, so the kernel does not depend on
+    the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
+    from tvm import te, tirx
+
     n, _, h, w, ob = (int(d) for d in xp.shape)
-    return _quantize_blocks(lambda b, ch, y, xw: xp[b, ch // ob, y, xw, ch % ob], n, int(channels), h, w, scale,
-                            ic_bn, padding, out_dtype, "quantize_repack")
+    c = int(channels)
+    icp = -(-c // ic_bn) * ic_bn
+    top, left, bottom, right = (int(p) for p in padding)
+    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
+    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
+
+    def f(b, cb, y, xx, ci):
+        ch = cb * ic_bn + ci
+        yy, xw = y - top, xx - left
+        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
+        q = te.max(te.min(te.round(xp[b, ch // ob, yy, xw, ch % ob] / scale[0]), hi), lo).astype(out_dtype)
+        return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
+
+    return te.compute(shape, f, name="quantize_repack")
 
 
 def pack_float(x):
-    """TE: a float NCHW tensor -> NCHW16c, zero channels up to a whole block."""
+    """TE: a float NCHW tensor -> NCHW[ob]c (the block a conv with its width produces), zero channels up to a
+    whole block."""
     from tvm import te, tirx
 
     n, c, h, w = (int(d) for d in x.shape)
-    ocp = oc_padded(c)
+    ob, ocp = oc_block(c), oc_padded(c)
 
     def f(b, cb, y, xx, ci):
-        ch = cb * OC_BLOCK + ci
+        ch = cb * ob + ci
         return tirx.if_then_else(ch < c, x[b, ch, y, xx], tirx.const(0, x.dtype))
 
-    return te.compute((n, ocp // OC_BLOCK, h, w, OC_BLOCK), f, name="pack_float")
+    return te.compute((n, ocp // ob, h, w, ob), f, name="pack_float")

@@ -116,7 +116,7 @@ def test_compare_rows_side_by_side(small, tmp_path):
             ref = load_checkpoint(small / ckpt).model(x).numpy()
         assert np.abs(got - ref).max() < ONNX_FP32_TOL * max(1.0, float(np.abs(ref).max()))
     int8 = out["onnx"]["pruned-int8"]
-    assert int8["format"] == "QDQ" and len(int8["kept_fp32"]) == 2  # first conv and the classifier, as TVM
+    assert int8["format"] == "QDQ" and len(int8["kept_fp32"]) == 1  # the first conv, as TVM
 
 
 def test_report_writes_table_plots_and_matches_eval(small, tmp_path, capsys):

@@ -411,8 +411,8 @@ def test_resnet20_int8_end_to_end(tiny_cifar):
     spec = targets.get("host")
     calx, _ = precision.calibration_images(tiny_cifar, "cifar", 32)
     qmod, report = precision.apply_with_report(mod, "int8", calib_images=calx, spec=spec)
-    assert report["int8_layers"] == len(report["layers"]) - 2  # all but the first conv and the classifier
-    assert [k["layer"] for k in report["kept"]] == ["conv2d0", "matmul0"]
+    assert report["int8_layers"] == len(report["layers"]) - 1  # all but the first conv
+    assert [k["layer"] for k in report["kept"]] == ["conv2d0"]
     before, after = report["constant_bytes"]["before"]["total"], report["constant_bytes"]["after"]["total"]
     assert before / after > 3.5
     x = data.normalize(data.load_split(tiny_cifar, "test").images[:16], "cifar").numpy()
@@ -427,7 +427,8 @@ def test_resnet20_int8_end_to_end(tiny_cifar):
 # ---------------------------------------------------------------- x86 VNNI intrinsic (LLVM 22 operand types)
 
 
-def test_vnni_intrinsic_builds_and_emits_vpdpbusd():
+@pytest.mark.parametrize("lanes,register", [(16, "zmm"), (8, "ymm")])
+def test_vnni_intrinsic_builds_and_emits_vpdpbusd(lanes, register):
     spec = targets.get("host")
     if "avx512vnni" not in spec.fast_int8_reason:
         pytest.skip("this CPU has no avx512vnni")
@@ -436,11 +437,12 @@ def test_vnni_intrinsic_builds_and_emits_vpdpbusd():
 
     from passes import vnni
 
-    name = vnni.register()
+    vnni.register()
+    name = vnni.OC_BLOCKS[lanes]
     M, N, K = 16, 32, 32
 
     @T.prim_func(s_tir=True)
-    def dense(A: T.Buffer((M, K), "uint8"), B: T.Buffer((N // 16, K // 4, 16, 4), "int8"),
+    def dense(A: T.Buffer((M, K), "uint8"), B: T.Buffer((N // lanes, K // 4, lanes, 4), "int8"),
               C: T.Buffer((M, N), "int32")):
         for i, j, k in T.grid(M, N, K):
             with T.sblock("C"):
@@ -448,22 +450,23 @@ def test_vnni_intrinsic_builds_and_emits_vpdpbusd():
                 with T.init():
                     C[vi, vj] = 0
                 C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * T.cast(
-                    B[vj // 16, vk // 4, vj % 16, vk % 4], "int32")
+                    B[vj // lanes, vk // 4, vj % lanes, vk % 4], "int32")
 
     sch = s_tir.Schedule(dense)
     blk = sch.get_sblock("C")
     i, j, k = sch.get_loops(blk)
-    jo, ji = sch.split(j, [None, 16])
+    jo, ji = sch.split(j, [None, lanes])
     ko, ki = sch.split(k, [None, 4])
     sch.reorder(i, jo, ko, ji, ki)
     sch.decompose_reduction(blk, ko)
     sch.tensorize(ji, name)
     lib = tvm.tirx.build(sch.mod, target=spec.tvm_target())
-    assert lib.inspect_source("asm").count("vpdpbusd") >= 1
+    asm = lib.inspect_source("asm")
+    assert sum(line.count(register) for line in asm.splitlines() if "vpdpbusd" in line) >= 1
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (M, K)).astype(np.uint8)
     w = rng.integers(-128, 128, (N, K)).astype(np.int8)
-    packed = np.ascontiguousarray(w.reshape(N // 16, 16, K // 4, 4).transpose(0, 2, 1, 3))
+    packed = np.ascontiguousarray(w.reshape(N // lanes, lanes, K // 4, 4).transpose(0, 2, 1, 3))
     c = tvm.runtime.tensor(np.zeros((M, N), np.int32))
     lib(tvm.runtime.tensor(a), tvm.runtime.tensor(packed), c)
     np.testing.assert_array_equal(c.numpy(), a.astype(np.int64) @ w.astype(np.int64).T)
@@ -479,9 +482,10 @@ def _has_avx512vnni() -> bool:
 
 
 def test_vnni_layout_rewrite_before_expected():
-    """On AVX-512 VNNI a uint8 conv2d becomes quantize_pack -> conv2d_nchwc_int8 (+ requant); the bias add and
-    ReLU after it run on the packed tensor, and what is not elementwise (the mean) reads an unpack of it. Signed
-    inputs and the kept fp32 layers stay as they were. oc 24 pads to two 16-channel blocks, ic 8 is one block."""
+    """On AVX-512 VNNI a uint8 conv2d becomes pack_float -> quantize_repack -> conv2d_nchwc_int8 (+ requant); the
+    bias add and ReLU after it run on the packed tensor, and what is not elementwise (the mean) reads an unpack of
+    it. Signed inputs and the kept fp32 layers stay as they were. oc 24 is three 8-channel blocks (16-blocks would pad it to
+    32), ic 8 is one block."""
     from passes import vnni
 
     weights = _chain_weights(c1=8, c2=24)
@@ -498,7 +502,8 @@ def test_vnni_layout_rewrite_before_expected():
         y = bb.emit(op.nn.conv2d(x, _c(w1), padding=1))
         y = bb.emit(op.nn.relu(bb.emit(op.add(y, _c(b1)))))
         wq, sw = q.quantize_weight(w2, 0)
-        xp = bb.emit_te(vnni.quantize_pack, y, _c([s1]), 8, [1, 1, 1, 1], primfunc_name_hint=vnni.PACK_NAME)
+        xf = bb.emit_te(vnni.pack_float, y, primfunc_name_hint=vnni.FLOAT_PACK_NAME)
+        xp = bb.emit_te(vnni.quantize_repack, xf, _c([s1]), 8, 8, [1, 1, 1, 1], primfunc_name_hint=vnni.REPACK_NAME)
         acc = bb.emit_te(vnni.conv2d_nchwc_int8, xp, _c(vnni.pack_weight(wq), "int8"), [1, 1], [1, 1],
                          primfunc_name_hint=vnni.CONV_NAME)
         real = bb.emit(op.astype(acc, F32))
@@ -518,13 +523,13 @@ def test_vnni_layout_rewrite_before_expected():
     tvm.ir.assert_structural_equal(after, _module((2, 3, 8, 8), body))
     xp_ty = [b.var.ty for b in after["main"].body.blocks[0].bindings
              if isinstance(b.value, relax.Call) and "conv2d_nchwc_int8" in str(b.value.args[0])][0]
-    assert [int(d) for d in xp_ty.shape.values] == [2, 2, 8, 8, 16]  # 24 channels -> 2 blocks of 16
+    assert [int(d) for d in xp_ty.shape.values] == [2, 3, 8, 8, 8]  # 24 channels -> 3 blocks of 8, no padding
     rows = {r["name"]: r for r in report["layers"]}
     assert "VNNI" in rows["conv2d1"]["layout"] and rows["matmul0"]["layout"] == "NCHW/OIHW"
     assert report["vnni_layout"] is True
     # a conv reading a signed tensor keeps NCHW (vpdpbusd multiplies uint8 activations)
     signed, rep = q.quantize(before, cal, q.QuantConfig(keep=(), vnni_layout=True))
-    assert [r["layout"] for r in rep["layers"]][:2] == ["NCHW/OIHW", "NCHW[x]c/OIHW[x/4]i16o4i (VNNI)"]
+    assert [r["layout"] for r in rep["layers"]][:2] == ["NCHW/OIHW", "NCHW[x]c/OIHW[x/4]i8o4i (VNNI)"]
     assert q.config_for(targets.get("host")).vnni_layout == _has_avx512vnni()
     assert not q.config_for(targets.get("jetson-orin")).vnni_layout
 
@@ -543,7 +548,7 @@ def _int32_conv_pair(n, ic, oc, hw, k, stride, pad):
 
     def packed(bb, x):
         _, bn = vnni.ic_block(ic)
-        xp = bb.emit_te(vnni.quantize_pack, x, _c([one]), bn, [pad] * 4)
+        xp = bb.emit_te(vnni.quantize_repack, bb.emit_te(vnni.pack_float, x), _c([one]), ic, bn, [pad] * 4)
         acc = bb.emit_te(vnni.conv2d_nchwc_int8, xp, _c(vnni.pack_weight(wq), "int8"), [stride] * 2, [1, 1])
         return bb.emit(bb.call_te(vnni.unpack, acc, oc))
 
@@ -552,10 +557,11 @@ def _int32_conv_pair(n, ic, oc, hw, k, stride, pad):
 
 
 @pytest.mark.parametrize("ic,oc,k,stride,pad", [(16, 16, 3, 1, 1), (8, 24, 3, 1, 1), (24, 40, 3, 2, 1),
-                                                (6, 16, 1, 1, 0)])
+                                                (6, 16, 1, 1, 0), (16, 20, 3, 1, 1), (16, 12, 3, 1, 1)])
 def test_packed_conv_is_bit_identical_to_nchw(ic, oc, k, stride, pad):
-    """int32 accumulators of the packed conv equal the NCHW conv2d's exactly, also where channels are padded
-    (oc 24 / 40 -> whole 16-blocks, ic 24 -> 12-blocks, ic 6 -> 8) and with stride 2."""
+    """int32 accumulators of the packed conv equal the NCHW conv2d's exactly, in 16-blocks and 8-blocks (oc 24 /
+    40: 8-blocks, no padding), where channels are padded (oc 20 -> three 8-blocks, oc 12 -> one 16-block,
+    ic 24 -> 12-blocks, ic 6 -> 8) and with stride 2."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu() or "generic"})
     a, b, x = _int32_conv_pair(2, ic, oc, 8, k, stride, pad)
     outs = []
@@ -615,8 +621,9 @@ def test_vnni_layout_residual_blocks_stay_packed_and_bit_identical():
 
 
 def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
-    """A short MetaSchedule run (the tune verb's tune_module: VNNI design space) on one small int8 conv; the build
-    applies the database (replaying the tensorize) and the library holds vpdpbusd."""
+    """A short MetaSchedule run (the tune verb's tune_module: VNNI design space) on two small int8 convs, 16 -> 8
+    (an 8-channel output block: ymm) and 8 -> 16 (zmm); the build applies the database (replaying the tensorize)
+    and the library holds vpdpbusd on both register widths."""
     if not _has_avx512vnni():
         pytest.skip("this CPU has no avx512vnni: nothing to tensorize with vpdpbusd")
     from compiler import tuning
@@ -626,33 +633,38 @@ def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
     assert space_for("int8", tuning.tune_target(spec)) != "post-order-apply"
     assert space_for("fp32", tuning.tune_target(spec)) == "post-order-apply"
     rng = np.random.default_rng(10)
-    w = rng.normal(0, 0.2, (16, 16, 3, 3)).astype(F32)
+    w1 = rng.normal(0, 0.2, (8, 16, 3, 3)).astype(F32)
+    w2 = rng.normal(0, 0.2, (16, 8, 3, 3)).astype(F32)
 
     def body(bb, x):
         y = bb.emit(op.nn.relu(x))
-        return bb.emit(op.nn.conv2d(y, _c(w), padding=1))
+        y = bb.emit(op.nn.relu(bb.emit(op.nn.conv2d(y, _c(w1), padding=1))))
+        return bb.emit(op.nn.conv2d(y, _c(w2), padding=1))
 
     mod = _module((1, 16, 8, 8), body)
-    cal = _fixed_calibration({"conv2d0": 3.0}, ["conv2d0"])
+    cal = _fixed_calibration({"conv2d0": 3.0, "conv2d1": 2.0}, ["conv2d0", "conv2d1"])
     qmod, _ = q.quantize(mod, cal, q.config_for(spec, keep=()))
     assert "conv2d_nchwc_int8" in qmod.script(show_meta=False)
     # the variant hash names the packed conv's shapes (the module has no relax.nn.conv2d left)
     sig = tuning.shape_signature(qmod)
-    assert [s[0] for s in sig] == ["call_tir:vnni_quantize_pack", "call_tir:conv2d_nchwc_int8", "call_tir:vnni_unpack"]
-    assert sig[1][1][1] == [[1, 1, 3, 3, 4, 16, 4], "int8"]
-    result = tune_module(qmod, spec, "tiny", "int8", 1, 6, directory=tmp_path / "db", trials_per_iter=2,
+    assert [s[0] for s in sig if "conv2d" in s[0]] == ["call_tir:conv2d_nchwc_int8"] * 2
+    weights = [s[1][1] for s in sig if "conv2d" in s[0]]
+    # 16 -> 8: one 8-channel output block (ymm); 8 -> 16: ic 8 is one input block of 2 x 4, oc one 16-block (zmm)
+    assert weights == [[[1, 1, 3, 3, 4, 8, 4], "int8"], [[1, 1, 3, 3, 2, 16, 4], "int8"]]
+    result = tune_module(qmod, spec, "tiny", "int8", 1, 8, directory=tmp_path / "db", trials_per_iter=2,
                          population=8, seed=0, show_progress=False)
     conv = [r for r in result["tasks"] if "conv2d_nchwc_int8" in r["task"]]
-    assert conv and conv[0]["best_ms"] is not None, result["tasks"]
+    assert len(conv) == 2 and all(r["best_ms"] is not None for r in conv), result["tasks"]
     db = tuning.open_database(tmp_path / "db")
-    assert tuning.tasks_applied(qmod, spec, db)["applied"] >= 1
+    assert tuning.tasks_applied(qmod, spec, db)["applied"] >= 2
     ex = targets.compile_module(qmod, spec, database=db)
     lib = tmp_path / "m.so"
     ex.export_library(str(lib))
     import subprocess
 
     asm = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
-    assert asm.count("vpdpbusd") >= 1
+    dots = [line for line in asm.splitlines() if "vpdpbusd" in line]
+    assert any("ymm" in line for line in dots) and any("zmm" in line for line in dots)
     x = rng.uniform(-1, 3, (1, 16, 8, 8)).astype(F32)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
