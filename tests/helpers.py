@@ -29,3 +29,27 @@ def relax_module(x_shape, body):
             gv = bb.emit_output(body(bb, x))
         bb.emit_func_output(gv)
     return bb.get()
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``python -m compiler ...`` in this process, no second interpreter start-up (argparse's own errors exit
+    through SystemExit): (exit code, stdout, stderr)."""
+    from compiler.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_user_error(result, pattern):
+    """``result`` (from :func:`run_cli`) is the CLI contract's bad-input answer: exit 2, one ``error:`` line on
+    stderr that contains ``pattern``."""
+    rc, _, err = result
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert pattern in lines[0], lines[0]

@@ -11,7 +11,7 @@ import torch
 
 from compiler.checkpoint import save_checkpoint
 from compiler.models import build_model
-from helpers import randomize_bn
+from helpers import assert_user_error, randomize_bn, run_cli
 
 ROWS_KEYS = {"engine", "model", "precision", "batch", "median_ms", "p90_ms", "available"}
 # ONNX Runtime fp32 against PyTorch fp32: float32 summation order differs, nothing else may
@@ -26,24 +26,6 @@ def cli(*args):
 def last_json(r):
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def main(capsys, *args):
-    """The CLI in this process (no second interpreter start-up): (exit code, stdout, stderr)."""
-    from compiler.cli import main as cli_main
-
-    capsys.readouterr()
-    code = cli_main(list(map(str, args)))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(result, pattern):
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert pattern in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +123,7 @@ def test_report_writes_table_plots_and_matches_eval(small, tmp_path, capsys):
     assert "ONE-SHOT" in md and "| resnet8 | baseline |" in md and "--limit-test" in md
     # the table's top-1 is what `eval --artifact` prints for the same artifact
     for r in (rows[0], rows[2]):
-        code, out, err = main(capsys, "eval", "--artifact", r["accuracy_artifact"], "--data", small, "--limit", 16,
+        code, out, err = run_cli(capsys, "eval", "--artifact", r["accuracy_artifact"], "--data", small, "--limit", 16,
                               "--json")
         assert code == 0, err
         ev = json.loads(out.strip().splitlines()[-1])
@@ -150,7 +132,7 @@ def test_report_writes_table_plots_and_matches_eval(small, tmp_path, capsys):
 
 def test_bad_inputs(small, tmp_path, capsys):
     def cli(*args):
-        return main(capsys, *args)
+        return run_cli(capsys, *args)
 
     assert_user_error(cli("compare", "--checkpoint", tmp_path / "none.pt", "--data", small), "does not exist")
     assert_user_error(cli("compare", "--model", "resnet21", "--checkpoint", small / "dense.pt", "--data", small),

@@ -18,6 +18,7 @@ from compiler.errors import UserError
 from compiler.models import build_model
 from compiler.prune import dependency, importance, pruner
 from compiler.train import FitConfig, fit
+from helpers import assert_user_error, run_cli
 
 
 def randomized(name: str, seed: int = 0) -> nn.Module:
@@ -239,27 +240,6 @@ def test_shrunk_training_expands_back_into_the_dense_shape(tiny_cifar):
 
 
 # ---------------------------------------------------------------- the verb
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """``python -m compiler ...`` in this process (argparse's own errors exit through SystemExit)."""
-    from compiler.cli import main
-
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_user_error(result, pattern):
-    rc, _, err = result
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert pattern in lines[0], lines[0]
-
 
 @pytest.fixture
 def resnet20_ckpt(tmp_path):
