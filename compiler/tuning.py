@@ -299,9 +299,9 @@ def open_database(directory: str | os.PathLike, create: bool = False, writer: bo
     elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
     source, scratch = directory, None
-    from passes import vnni
+    from targets.build import register_tensor_intrinsics
 
-    vnni.register()  # int8 records tensorize with it: loading their traces needs the intrinsic registered
+    register_tensor_intrinsics()  # int8 records tensorize with them: loading their traces needs them registered
     if writer:
         repair(directory)
     elif repair(directory, dry_run=True)["needed"]:
@@ -481,12 +481,11 @@ def tasks_applied(mod, spec, database) -> dict:
     import tvm_ffi
     from tvm import relax, tirx
 
+    from targets.build import open_database as as_database
+
     target = spec.tvm_target()
     legal = legalize(mod, target)
-    if spec.kind == "cpu":
-        from targets.build import register_tensor_intrinsics
-
-        register_tensor_intrinsics()  # traces that tensorize with vpdpbusd replay only with it registered
+    database = as_database(database)  # registers the tensor intrinsics the traces replay with
     with target, database:
         applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
     seen: dict[int, tuple[str, bool]] = {}

@@ -45,9 +45,10 @@ def open_database(database):
         return None
     from tvm.s_tir import meta_schedule as ms
 
+    # loading int8 records parses traces that tensorize with them, and MetaScheduleApplyDatabase replays them
+    register_tensor_intrinsics()
     if isinstance(database, ms.database.Database):
         return database
-    register_tensor_intrinsics()  # loading int8 records parses traces that tensorize with them
     work_dir = Path(database)
     missing = [n for n in ("database_workload.json", "database_tuning_record.json") if not (work_dir / n).is_file()]
     if missing:
@@ -73,8 +74,6 @@ def relax_pipeline(spec: TargetSpec, database=None) -> tvm.transform.Pass:
     db = open_database(database)
     if spec.kind == "cpu" and db is None:
         return relax.get_default_pipeline(target)
-    if spec.kind == "cpu":
-        register_tensor_intrinsics()  # tuned int8 traces tensorize with them: replaying needs them registered
 
     stages = _stages(spec)
     legalize = [
