@@ -34,8 +34,9 @@ MetaSchedule cannot tensorize the conv2d above. There each uint8 conv2d is emitt
 
 The integers are the same as the NCHW conv2d's (an exact int32 sum in another order: bit-identical outputs).
 FuseOps puts the requantize, bias, ReLU and residual add in the conv's epilogue; activations stay packed from conv
-to conv (the next conv's quantize_repack reads them there). ``s_x`` is a tensor argument, not an immediate, so no kernel depends on the
-calibration: a tuning database serves any checkpoint with the same stripped shapes.
+to conv (the next conv's quantize_repack reads them there). In the packed kernels ``s_x`` is a tensor argument,
+not an immediate, so they do not depend on the calibration: a tuning database serves any checkpoint with the same
+stripped shapes (the NCHW ``R.quantize`` in front of the int8 classifier still inlines its scale).
 
 **int8-weights** (:func:`quantize_weights`), on an fp16 module (``ToMixedPrecision``): every conv2d / matmul weight
 constant is stored int8 per output channel and dequantized in front of the fp16 conv2d. The dequantize and the
@@ -384,9 +385,9 @@ class _Int8Rewriter(BindingMutator):
         conv's epilogue and unpack in the elementwise kernels after it. An NCHW input is packed as float first
         (shared with a residual add that reads it packed) and quantized from there: one kernel that quantizes
         while it gathers NCHW into NCHW[c] measured 47 us for ResNet56's 16 x 32 x 32 stem output, the float
-        pack plus quantize_repack 10 + 1 us (tuned, 1 thread). The activation scale is
-        a tensor argument, so no kernel depends on the calibration (a database tuned on one checkpoint serves
-        another with the same stripped shapes)."""
+        pack plus quantize_repack 10 + 1 us (tuned, 1 thread). The activation scale is a tensor argument, so
+        these kernels do not depend on the calibration (a database tuned on one checkpoint serves another with the
+        same stripped shapes)."""
         from passes import vnni
 
         a = layer.call.attrs
