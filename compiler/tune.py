@@ -375,11 +375,19 @@ def _quiet_metaschedule():
 
     lg = logging.getLogger("tvm.s_tir.meta_schedule")
     old = lg.level
+    # MetaSchedule's logger set-up (logging.create_loggers) re-lists this logger's handlers by name through
+    # str.format: a handler without a name (pytest's capture handler, a user's own) or with braces in it breaks
+    # it with "'NoneType' object has no attribute 'format'". Such handlers are set aside while tuning runs.
+    foreign = [h for h in lg.handlers if h.get_name() is None or "{" in h.get_name() or "}" in h.get_name()]
+    for h in foreign:
+        lg.removeHandler(h)
     lg.setLevel(logging.WARNING)
     try:
         yield
     finally:
         lg.setLevel(old)
+        for h in foreign:
+            lg.addHandler(h)
 
 
 @contextlib.contextmanager

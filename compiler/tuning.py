@@ -402,15 +402,32 @@ def _norm_target(target_json: dict) -> dict:
     return out
 
 
-def target_mismatch(meta: dict, spec) -> str | None:
-    """Why ``meta``'s target is not ``spec`` (None when it is)."""
+def target_match(meta: dict, spec) -> tuple[str | None, str | None]:
+    """``(how, why_not)``: how ``meta``'s target fits ``spec`` (``"exact"``, or ``"same ISA class ..."`` for an x86
+    CPU target tuned on another CPU of the same class: :data:`targets.X86_CLASSES`), or why it does not."""
+    import targets
+
     got = meta.get("target", {})
     if got.get("name") != spec.name:
-        return f"it was tuned for target '{got.get('name')}', not '{spec.name}'"
-    if _norm_target(got.get("tvm", {})) != _norm_target(spec.target_json()):
-        return (f"it was tuned for {spec.name} as {_describe(got.get('tvm', {}))}, but {spec.name} here is "
-                f"{_describe(spec.target_json())}")
-    return None
+        return None, f"it was tuned for target '{got.get('name')}', not '{spec.name}'"
+    theirs, ours = _norm_target(got.get("tvm", {})), _norm_target(spec.target_json())
+    if theirs == ours:
+        return "exact", None
+    why = (f"it was tuned for {spec.name} as {_describe(got.get('tvm', {}))}, but {spec.name} here is "
+           f"{_describe(spec.target_json())}")
+    if ({k: v for k, v in theirs.items() if k != "mcpu"} != {k: v for k, v in ours.items() if k != "mcpu"}
+            or ours.get("kind") != "llvm" or "mtriple" in ours):
+        return None, why
+    cls_theirs, cls_ours = targets.cpu_class(theirs.get("mcpu")), targets.cpu_class(ours.get("mcpu"))
+    if cls_ours is None or cls_theirs != cls_ours:
+        return None, f"{why} (ISA class {cls_theirs or 'unknown'} vs {cls_ours or 'unknown'})"
+    return (f"same ISA class {cls_ours}: tuned on -mcpu={theirs.get('mcpu')}, this CPU is "
+            f"-mcpu={ours.get('mcpu')} (the schedules apply; the timings were measured there)"), None
+
+
+def target_mismatch(meta: dict, spec) -> str | None:
+    """Why ``meta``'s target does not fit ``spec`` (None when it does, exactly or by ISA class)."""
+    return target_match(meta, spec)[1]
 
 
 def check_meta(meta: dict | None, directory, spec, model_name: str, variant: str) -> None:
@@ -461,8 +478,9 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
         info["note"] = f"untuned: {shown(directory)} holds no database yet (a tune stopped before its first trial?)"
         return None, info
     meta = read_meta(directory)
-    if not explicit and meta is not None and target_mismatch(meta, spec):
-        info["note"] = f"untuned: {shown(directory)} skipped, {target_mismatch(meta, spec)}"
+    how, why_not = target_match(meta, spec) if meta is not None else (None, None)
+    if not explicit and why_not:
+        info["note"] = f"untuned: {shown(directory)} skipped, {why_not}"
         return None, info
     check_meta(meta, directory, spec, model_name, variant)
     db = open_database(directory)
@@ -470,7 +488,7 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     info.update(path=str(directory), sha256=fileio.sha256_file(directory / RECORD_FILE),
                 tasks_in_db=counts["tasks_in_db"], records=counts["records"],
                 trials=int(meta.get("trials", counts["records"])), seconds=float(meta.get("seconds", 0.0)),
-                note=f"MetaSchedule database {shown(directory)}")
+                match=how, note=f"MetaSchedule database {shown(directory)} ({how})")
     return db, info
 
 
@@ -515,7 +533,7 @@ def manifest_entry(info: dict, applied: dict | None) -> dict:
     if info.get("path") is None:
         return {"database": None, "sha256": None, "tasks_applied": 0, "tasks": applied["tasks"] if applied else None,
                 "trials": 0, "note": info.get("note")}
-    return {"database": shown(info["path"]), "sha256": info["sha256"],
+    return {"database": shown(info["path"]), "sha256": info["sha256"], "match": info.get("match"),
             "tasks_applied": applied["applied"] if applied else None,
             "tasks": applied["tasks"] if applied else None,
             "trials": info.get("trials"), "tuning_seconds": info.get("seconds"),

@@ -167,15 +167,40 @@ def _host_cpu() -> tuple[str, str, frozenset]:
     """(mcpu, arch, LLVM features) of this machine's CPU, as TVM's LLVM sees it."""
     import platform
 
-    import tvm
     from tvm.target import codegen
 
     mcpu = codegen.llvm_get_system_cpu() or "generic"
+    return mcpu, platform.machine(), cpu_features(mcpu)
+
+
+# x86-64 CPU classes, best first: the psABI levels compilers use (v3 = AVX2 + FMA, v4 = AVX-512), v4 split by
+# VNNI (the int8 dot product our int8 kernels are tensorized with). A tuning record is a schedule: it is valid on
+# every CPU of the class it was tuned for, whoever tuned it (a VNNI-tensorized record needs VNNI, an AVX-512
+# vectorized one AVX-512).
+_X86_V3 = frozenset({"avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe"})
+_X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+X86_CLASSES = (("x86-64-v4-vnni", _X86_V4 | {"avx512vnni"}), ("x86-64-v4", _X86_V4), ("x86-64-v3", _X86_V3))
+
+
+@functools.lru_cache(maxsize=64)
+def cpu_features(mcpu: str) -> frozenset:
+    """The LLVM features of the x86 CPU LLVM calls ``mcpu`` (any name LLVM knows, not only this machine's)."""
+    import tvm
+    from tvm.target import codegen
+
     try:
-        features = frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
-    except Exception:  # noqa: BLE001 - an unknown CPU name: no feature facts
-        features = frozenset()
-    return mcpu, platform.machine(), features
+        return frozenset(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+    except Exception:  # noqa: BLE001 - a CPU name this LLVM does not know: no feature facts
+        return frozenset()
+
+
+def cpu_class(mcpu: str | None, features: frozenset | None = None) -> str | None:
+    """The x86-64 class (``x86-64-v4-vnni``, ``x86-64-v4``, ``x86-64-v3``) of the CPU LLVM calls ``mcpu``, or None
+    (older x86, another architecture, or an unknown name)."""
+    if not mcpu:
+        return None
+    have = cpu_features(mcpu) if features is None else features
+    return next((name for name, need in X86_CLASSES if need <= have), None)
 
 
 def _cpu_int8(arch: str, features: frozenset) -> tuple[bool, str]:

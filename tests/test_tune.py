@@ -212,11 +212,22 @@ def test_rpc_tuning_writes_database_that_build_applies(tuned, lowered, resnet8, 
 
 
 def test_resume_through_the_cli_continues_the_database(tuned, resnet8, capsys):
-    """The same command again (here with the local runner) appends to the same database."""
+    """The same command again (here with the local runner) appends to the same database.
+
+    Regression: a handler without a name on MetaSchedule's logger (pytest 9.2's capture handler, or one the
+    user's program installed) broke MetaSchedule's logger set-up with an AttributeError; tune must not care."""
+    import logging
+
     directory = Path(tuned["log_dir"])
-    rc = cli.main(["tune", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
-                   "--trials", "2", "--trials-per-iter", "1", "--population", str(POPULATION),
-                   "--log-dir", str(directory), "--json"])
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = logging.StreamHandler()  # get_name() is None
+    ms_logger.addHandler(foreign)
+    try:
+        rc = cli.main(["tune", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
+                       "--trials", "2", "--trials-per-iter", "1", "--population", str(POPULATION),
+                       "--log-dir", str(directory), "--json"])
+    finally:
+        ms_logger.removeHandler(foreign)
     out = capsys.readouterr().out
     assert rc == 0, out
     result = json.loads(out.strip().splitlines()[-1])
@@ -274,6 +285,35 @@ def test_logs_for_another_target_model_or_variant_are_refused(tmp_path, host, lo
     _fake_log(tuning.log_dir("host", "resnet8", variant, tmp_path / "root"), other_cpu, "resnet8", variant)
     db, info = tuning.find_database(host, "resnet8", variant, root=tmp_path / "root")
     assert db is None and "some-other-cpu" in info["note"]
+
+
+SAME_CLASS = {"x86-64-v4-vnni": ("rocketlake", "sapphirerapids"), "x86-64-v4": ("skylake-avx512", "cascadelake"),
+              "x86-64-v3": ("haswell", "znver3")}
+LOWER_OR_HIGHER = {"x86-64-v4-vnni": "znver3", "x86-64-v4": "znver4", "x86-64-v3": "znver4"}
+
+
+def test_records_tuned_on_another_cpu_of_the_same_isa_class_apply(tmp_path, host, lowered):
+    """Issue 14: a database tuned on another CPU with the same ISA class (e.g. Zen 4 -> Rocket Lake, both AVX-512
+    VNNI) is applied and the manifest says why; one from another class (AVX2-only vs AVX-512) is skipped."""
+    import targets
+
+    cls = targets.cpu_class(host.device["mcpu"])
+    if cls is None:
+        pytest.skip(f"this CPU ({host.device['mcpu']}) is in no x86-64 class (v3/v4): nothing to borrow")
+    variant = tuning.variant_of(lowered, "fp32")
+    root = tmp_path / "root"
+    other = next(c for c in SAME_CLASS[cls] if c != host.device["mcpu"])
+    assert targets.cpu_class(other) == cls
+    directory = tuning.log_dir("host", "resnet8", variant, root)
+    _fake_log(directory, dataclasses.replace(host, device=dict(host.device, mcpu=other)), "resnet8", variant)
+    db, info = tuning.find_database(host, "resnet8", variant, root=root)
+    assert db is not None and info["match"].startswith(f"same ISA class {cls}") and other in info["match"]
+    assert tuning.manifest_entry(info, None)["match"] == info["match"]
+    shutil.rmtree(directory)
+    foreign = LOWER_OR_HIGHER[cls]
+    _fake_log(directory, dataclasses.replace(host, device=dict(host.device, mcpu=foreign)), "resnet8", variant)
+    db, info = tuning.find_database(host, "resnet8", variant, root=root)
+    assert db is None and "skipped" in info["note"] and f"ISA class {targets.cpu_class(foreign)}" in info["note"]
 
 
 def test_torn_last_line_is_repaired(tuned, tmp_path):
