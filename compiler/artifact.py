@@ -36,7 +36,11 @@ def check_runs_here(folder: str | Path, manifest: dict) -> None:
 
 
 def load_local(folder: str | Path):
-    """(executable, manifest) of an artifact that runs on this machine; checks the library's sha256."""
+    """(executable, manifest) of an artifact that runs on this machine; checks the library's sha256 and sets TVM to
+    the thread count the build measured fastest (``manifest["runtime"]``; a user's TVM_NUM_THREADS wins)."""
+    from compiler import threads
+
+    threads.prepare_tvm()  # before `import tvm` can start a pool of the wrong size
     import tvm
 
     folder = Path(folder)
@@ -46,7 +50,9 @@ def load_local(folder: str | Path):
     if not lib.is_file() or sha256_file(lib) != manifest["artifact"]["sha256"]:
         raise UserError(f"{lib} is missing or does not match the sha256 in its manifest")
     with console.filter_native_stderr():
-        return tvm.runtime.load_module(str(lib)), manifest
+        executable = tvm.runtime.load_module(str(lib))
+    manifest["runtime_applied"] = threads.apply_recorded(manifest)
+    return executable, manifest
 
 
 def evaluate(args) -> dict:

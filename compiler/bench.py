@@ -19,7 +19,8 @@ def configure(p) -> None:
     p.add_argument("--repeat", type=int, default=30, help="timed runs (each the median of --number calls)")
     p.add_argument("--number", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--pytorch", metavar="CKPT", help="also time PyTorch eager on this checkpoint, same batch")
+    p.add_argument("--pytorch", metavar="CKPT", nargs="?", const="",
+                   help="also time PyTorch eager on this checkpoint, same batch (no CKPT: the shipped model)")
     cli.add_json_arg(p)
 
 
@@ -80,19 +81,22 @@ def run(args) -> dict:
     executable, manifest = artifact.load_local(args.artifact)
     batch = manifest["input"]["shape"][0]
     rows = []
-    if args.pytorch:
+    if args.pytorch is not None:
         # PyTorch first: TVM's worker threads keep spinning after a run and slow a PyTorch run that follows
         import torch
 
         from compiler import zoo
 
-        ckpt = zoo.load(manifest["model"], args.pytorch)
+        ckpt = zoo.load(manifest["model"], args.pytorch or None)
         rows.append({"engine": "pytorch", "model": manifest["model"], "precision": "fp32", "batch": batch,
                      "threads": torch.get_num_threads(),
                      **time_pytorch(ckpt.model, batch, args.repeat, args.number, args.warmup)})
+    applied = manifest.get("runtime_applied") or {}
     rows.insert(0, {"engine": "tvm", "model": manifest["model"], "precision": manifest["precision"], "batch": batch,
+                    "threads": applied.get("threads"), "threads_from": applied.get("source"),
                     **time_tvm(executable, batch, args.repeat, args.number, args.warmup)})
     for r in rows:
         r["images_per_s"] = round(1e3 * batch / r["median_ms"], 1)
-    print(console.table(rows, ["engine", "model", "precision", "batch", "median_ms", "p90_ms", "images_per_s"]))
+    print(console.table(rows, ["engine", "model", "precision", "batch", "threads", "median_ms", "p90_ms",
+                               "images_per_s", "threads_from"]))
     return {"artifact": str(args.artifact), "target": manifest["target"]["name"], "rows": rows}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 
 from compiler.errors import UserError
@@ -84,8 +85,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args._command = "python -m compiler " + shlex.join(argv)  # what model cards record as the command
     if not args.verb:
         parser.print_help()
         return 0

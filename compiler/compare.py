@@ -67,20 +67,26 @@ def configure(p) -> None:
 
 def add_threads_arg(p) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="threads for PyTorch, ONNX Runtime and TVM alike (default: PyTorch's default, this "
-                        "machine's cores; TVM: TVM_NUM_THREADS or its own default)")
+                   help="threads for PyTorch, ONNX Runtime and TVM alike (default: each engine is timed at 1, 2, "
+                        "4, ... up to this machine's cores and shown at its fastest count)")
 
 
-def set_threads(n: int | None) -> int:
-    """Use ``n`` threads in PyTorch and (set before TVM's thread pool starts) TVM; the count PyTorch now uses."""
-    import torch
+def thread_counts(n: int | None) -> list[int]:
+    """The thread counts every engine is timed at: ``[n]`` (``--threads N``), else each candidate up to the cores."""
+    from compiler import threads
 
-    if n is not None:
-        if n <= 0:
-            raise UserError("--threads must be positive")
-        torch.set_num_threads(n)
-        os.environ["TVM_NUM_THREADS"] = str(n)
-    return torch.get_num_threads()
+    if n is not None and n <= 0:
+        raise UserError("--threads must be positive")
+    threads.prepare_tvm()
+    return [n] if n is not None else threads.candidates()
+
+
+def at_best(time_at, counts: list[int]) -> tuple[dict, dict]:
+    """``time_at(n)`` at each count: (stats of the fastest, row fields ``threads`` and ``threads_ms``)."""
+    from compiler import threads
+
+    best, results = threads.fastest(time_at, counts)
+    return results[best], {"threads": best, "threads_ms": {str(n): r["median_ms"] for n, r in results.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,10 +98,24 @@ def load_models(model: str | None, checkpoint: str | None, pruned: str | None, n
     from compiler import zoo
 
     dense = check_dense(zoo.load(model, checkpoint, normalize))
+    pr = pruned_for(dense, pruned, normalize)
+    return (dense, None, None) if pr is None else (dense, pr, shrunk(pr))
+
+
+def pruned_for(dense, pruned: str | None, normalize: str | None):
+    """The ``--pruned`` checkpoint; without one, the shipped pruned model when it was pruned from exactly ``dense``
+    (saying so in one line); else None."""
+    import sys
+
+    from compiler import zoo
+
     if pruned is None:
-        return dense, None, None
-    pr = load_pruned(pruned, dense.model_name, normalize)
-    return dense, pr, shrunk(pr)
+        shipped = zoo.shipped_pruned_for(dense)
+        if shipped is None:
+            return None
+        print(f"no --pruned: using {zoo.describe(dense.model_name)}, pruned from this checkpoint", file=sys.stderr)
+        pruned = shipped
+    return load_pruned(pruned, dense.model_name, normalize)
 
 
 def check_dense(ck):
@@ -385,8 +405,11 @@ def run(args) -> dict:
     from compiler import artifact
     from compiler.build import parse_keep, run_module
 
+    from compiler import threads
+
     _check_args(args)
-    threads = set_threads(args.threads)
+    counts = thread_counts(args.threads)
+    torch_default = torch.get_num_threads()
     t_start = time.perf_counter()
     info = {"machine_at_start": machine()}
     dense, pruned, small = load_models(args.model, args.checkpoint, args.pruned, args.normalize)
@@ -441,12 +464,17 @@ def run(args) -> dict:
         # 1. PyTorch eager
         for kind, (ck, model) in models.items():
             steps.set_postfix_str(f"pytorch {kind}")
-            stats = bench.time_pytorch(model, batch, x=torch.from_numpy(x_of[kind]), **timing)
+            def time_torch(n: int, model=model, kind=kind) -> dict:
+                torch.set_num_threads(n)
+                return bench.time_pytorch(model, batch, x=torch.from_numpy(x_of[kind]), **timing)
+
+            stats, used = at_best(time_torch, counts)
+            torch.set_num_threads(torch_default)
             agree = {}
             if model is not ck.model:
                 with torch.inference_mode():
                     agree = _agreement(model(torch.from_numpy(check_of[kind])).numpy(), reference[kind])
-            rows.append(_row("pytorch", kind, "fp32", batch, stats, threads=threads, **agree,
+            rows.append(_row("pytorch", kind, "fp32", batch, stats, **used, **agree,
                              note="shrunk copy (removed channels deleted)" if kind == "pruned" else "eager"))
             steps.update()
 
@@ -484,10 +512,14 @@ def run(args) -> dict:
                 rows.append(_row("onnxruntime", kind, prec, batch,
                                  reason=f"no ONNX model: {err or 'export failed'}"))
                 continue
-            sess = ort_session(path, threads)
-            stats = time_ort(sess, x_of[kind], **timing)
+            def time_onnx(n: int, path=path, kind=kind) -> dict:
+                sess = ort_session(path, n)
+                return time_ort(sess, x_of[kind], **timing)
+
+            stats, used = at_best(time_onnx, counts)
+            sess = ort_session(path, used["threads"])
             logits = sess.run(None, {sess.get_inputs()[0].name: check_of[kind]})[0]
-            rows.append(_row("onnxruntime", kind, prec, batch, stats, threads=threads,
+            rows.append(_row("onnxruntime", kind, prec, batch, stats, **used,
                              **_agreement(logits, reference[kind]), note=f"opset {OPSET}" + (
                                  f", QDQ, {onnx_info[f'{kind}-int8']['activations']} activations"
                                  if prec == "int8" else "")))
@@ -539,9 +571,16 @@ def run(args) -> dict:
         for kind, folder, m in tvm_jobs:
             steps.set_postfix_str(f"tvm {kind} {m['precision']}")
             executable, m = artifact.load_local(folder)
-            stats = bench.time_tvm(executable, batch, x=x_of[kind], **timing)
+
+            def time_tvm(n: int, executable=executable, kind=kind) -> dict:
+                threads.set_tvm(n)
+                return bench.time_tvm(executable, batch, x=x_of[kind], **timing)
+
+            stats, used = at_best(time_tvm, counts)
             logits = run_module(executable, check_of[kind], batch)
-            rows.append(_row("tvm", kind, m["precision"], batch, stats, **_agreement(logits, reference[kind]),
+            rows.append(_row("tvm", kind, m["precision"], batch, stats, **used,
+                             recorded_threads=(m.get("runtime") or {}).get("threads"),
+                             **_agreement(logits, reference[kind]),
                              note=tuning_note(m), artifact=str(folder) if args.keep or given else None))
             steps.update()
         steps.close()
@@ -560,8 +599,8 @@ def run(args) -> dict:
         elif r.get("speedup") is not None:
             s["speedup"] = f"{r['speedup']:.2f}x"
         shown.append(s)
-    print(console.table(shown, ["engine", "model", "precision", "batch", "median_ms", "p90_ms", "images_per_s",
-                                "speedup", "max_abs_diff", "argmax_agree", "note"],
+    print(console.table(shown, ["engine", "model", "precision", "batch", "threads", "median_ms", "p90_ms",
+                                "images_per_s", "speedup", "max_abs_diff", "argmax_agree", "note"],
                         title=f"{name}, batch {batch}: speed-up relative to PyTorch eager dense fp32 "
                               f"({base['median_ms']:.3g} ms); max |diff| and argmax agreement (%) against "
                               f"PyTorch fp32 of the same model on {CHECK_IMAGES} test images"))
@@ -574,7 +613,9 @@ def run(args) -> dict:
         "batch": batch,
         "input": f"the first {batch} CIFAR-10 test images (normalized per model); agreement on the first "
                  f"{CHECK_IMAGES}",
-        "timing": {**timing, "scheme": "warm-up calls, then repeat x (mean of number calls); median and p90"},
+        "timing": {**timing, "scheme": "warm-up calls, then repeat x (mean of number calls); median and p90",
+                   "threads": (f"--threads {args.threads} for every engine" if args.threads else
+                               f"each engine at its fastest of {counts} threads (row: threads, threads_ms)")},
         "calibration": {"images": calib_desc, "method": args.calibration, "keep_fp32": list(keep)},
         "onnx": onnx_info,
         "rows": rows,

@@ -127,7 +127,7 @@ def prune_one_shot(name: str, checkpoint: str, normalize: str, args, out: Path) 
 def resolve(args) -> list[dict]:
     """Per model: name, baseline Checkpoint, pruned checkpoint path (or None: prune here), or a skip note."""
     from compiler import models, zoo
-    from compiler.compare import check_dense, load_pruned
+    from compiler.compare import check_dense, pruned_for
 
     names = [models.check_name(n) for n in args.models]  # an unknown name is a mistake, not a skip
     plans, errors = [], []
@@ -142,7 +142,7 @@ def resolve(args) -> list[dict]:
             errors.append(f"{name}: {e}")
             continue
         check_dense(base)
-        pruned = None if pr_path is None else load_pruned(pr_path, base.model_name, args.normalize)
+        pruned = pruned_for(base, pr_path, args.normalize)
         plans.append({"model": base.model_name, "baseline": base, "pruned": pruned})
     if not plans:
         raise UserError("no model has a baseline checkpoint (" + "; ".join(errors) + ")")
@@ -171,7 +171,7 @@ def _kernels(manifest: dict) -> str:
 
 
 def measure_stage(plan: dict, stage: str, kind: str, prec: str, args, out: Path, first_images) -> dict:
-    from compiler import artifact
+    from compiler import artifact, threads
     from compiler.compare import build_artifact, normalized, tuning_note
 
     ck = plan["baseline"] if kind == "dense" else plan["pruned"]
@@ -185,10 +185,14 @@ def measure_stage(plan: dict, stage: str, kind: str, prec: str, args, out: Path,
                            calibration=args.calibration, keep_fp32=args.keep_fp32, target=args.target)
         folders[batch] = folder
     exe1, m1 = artifact.load_local(folders[1])
+    if args.threads:
+        threads.set_tvm(args.threads)
     x = normalized(first_images, ck.normalize)
     lat = bench.time_tvm(exe1, 1, args.repeat, args.number, args.warmup, x=x[:1])
     tb = args.throughput_batch
     exe_t, m_t = artifact.load_local(folders[tb])
+    if args.threads:
+        threads.set_tvm(args.threads)
     xt = x[np.resize(np.arange(len(x)), tb)]
     thr = bench.time_tvm(exe_t, tb, args.throughput_repeat, args.throughput_number, min(args.warmup, 1), x=xt)
     per_image = {1: lat["median_ms"], tb: thr["median_ms"] / tb}
@@ -358,11 +362,11 @@ def run(args) -> dict:
     import tvm
 
     from compiler import checkpoint
-    from compiler.compare import machine, set_threads
+    from compiler.compare import machine, thread_counts
 
     args.models = args.models or _default_models()
     _check_args(args)
-    set_threads(args.threads)
+    thread_counts(args.threads)  # validates --threads; sizes TVM's pool before anything runs
     t_start = time.perf_counter()
     start_machine = machine()
     out = Path(args.out).expanduser().resolve()

@@ -11,8 +11,6 @@ import argparse
 import contextlib
 import math
 import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +218,7 @@ def run(args) -> dict:
     history: list[dict] = list(prev.metrics.get("history") or []) if prev else []
     t_start = time.perf_counter()
 
-    provenance = {"command": "python -m compiler " + shlex.join(sys.argv[1:]), "device": device_name(device),
+    provenance = {"command": getattr(args, "_command", None), "device": device_name(device),
                   "torch": str(torch.__version__)}
     if prev and prev.metrics.get("command"):
         provenance["command"] = prev.metrics["command"]  # the run's first command; resumes repeat it

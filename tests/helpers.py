@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tvm import relax
 
@@ -53,3 +55,37 @@ def assert_user_error(result, pattern):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert pattern in lines[0], lines[0]
+
+
+@dataclass
+class CliResult:
+    """What ``subprocess.run(..., capture_output=True, text=True)`` would give, from an in-process run."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, cwd=None) -> CliResult:
+    """``python -m compiler ARGS`` in this process, stdout and stderr captured: the interpreter, torch and TVM start
+    once for the whole suite instead of once per call (tests/test_cli.py keeps one real ``python -m compiler``
+    smoke test). An exception other than the CLI's own exits is a bug and propagates with its traceback."""
+    import contextlib
+    import io
+    import os
+
+    from compiler.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(here)
+    return CliResult(rc, out.getvalue(), err.getvalue())

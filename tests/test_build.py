@@ -1,20 +1,15 @@
 """The build pipeline end to end on this CPU: artifact folder, manifest, verification, eval --artifact."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from compiler.checkpoint import save_checkpoint
 from compiler.models import build_model
-from helpers import randomize_bn
+from helpers import cli, randomize_bn
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
 
 
 def zero_inner_channels(model, fraction=0.5, seed=0):
@@ -69,6 +64,44 @@ def test_host_build_strips_and_matches_pytorch(tmp_path, pruned_resnet20, tiny_c
     rows = json.loads(rb.stdout.strip().splitlines()[-1])["rows"]
     assert [r["engine"] for r in rows] == ["tvm", "pytorch"]
     assert all(r["batch"] == 4 and r["runs"] == 3 and 0 < r["median_ms"] <= r["p90_ms"] for r in rows)
+
+
+def test_build_records_the_fastest_thread_count_and_loaders_apply_it(tmp_path, pruned_resnet20, tiny_cifar,
+                                                                    monkeypatch):
+    """Issue 14: build times the module at each candidate thread count, records the fastest, and loading the
+    artifact sets TVM to it; a TVM_NUM_THREADS the user set wins."""
+    import tvm
+
+    from compiler import artifact, threads
+
+    out = tmp_path / "art"
+    r = cli("build", "--target", "host", "--checkpoint", pruned_resnet20, "--precision", "fp32",
+            "--data", tiny_cifar, "--out", out)
+    assert r.returncode == 0, r.stderr
+    rt = json.loads((out / "manifest.json").read_text())["runtime"]
+    measured = {int(n): ms for n, ms in rt["measured_ms"].items()}
+    assert sorted(measured) == threads.candidates() and rt["threads"] == min(measured, key=measured.get)
+    assert f"{rt['threads']} (fastest here" in r.stdout
+    others = [n for n in threads.candidates() if n != rt["threads"]]
+    if others:
+        threads.set_tvm(others[0])
+        assert tvm.runtime.num_threads() == others[0]
+    _, m = artifact.load_local(out)
+    assert m["runtime_applied"] == {"threads": rt["threads"], "source": "measured fastest at build"}
+    assert tvm.runtime.num_threads() == rt["threads"]
+    monkeypatch.setattr(threads, "_user_env", "1")
+    _, m = artifact.load_local(out)
+    assert m["runtime_applied"]["threads"] == 1 and "yours" in m["runtime_applied"]["source"]
+    assert tvm.runtime.num_threads() == 1
+
+
+def test_fastest_picks_the_lowest_median_and_the_fewer_threads_on_a_tie():
+    from compiler import threads
+
+    times = {1: 0.5, 2: 0.4, 4: 0.4}
+    best, results = threads.fastest(lambda n: {"median_ms": times[n]}, [1, 2, 4])
+    assert best == 2 and results[4]["median_ms"] == 0.4
+    assert threads.candidates()[0] == 1 and threads.candidates()[-1] == threads.cores()
 
 
 def test_bad_inputs_leave_existing_artifact_alone(tmp_path, pruned_resnet20):

@@ -1,6 +1,7 @@
 """The CLI contract: --help per verb, --json last line, bad input = one `error:` line, exit 2, nothing written."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,11 +11,9 @@ import torch
 from compiler.checkpoint import save_checkpoint
 from compiler.cli import VERBS
 from compiler.models import build_model
+from helpers import cli
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
 
 
 def assert_user_error(r, pattern):
@@ -97,7 +96,7 @@ def test_zoo_add_writes_card_that_eval_reproduces_and_refuses_unfinished_runs(tm
     card = json.loads(r.stdout.strip().splitlines()[-1])["added"]
     assert card["model"] == "resnet8" and card["epochs"] == 1 and card["n_test"] == 32
     assert card["storage"] in ("fp16", "fp32") and card["command"] == ck["metrics"]["command"]
-    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.json", "resnet8.pt"]
+    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.json", "resnet8.pt", "resnet8.verify.npz"]
     # the card's top-1 is what eval of the shipped file prints
     r = cli("eval", "--checkpoint", zoo_dir / "resnet8.pt", "--data", tiny_cifar, "--json")
     assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] == card["top1"]
@@ -120,3 +119,75 @@ def test_eval_shared_resnet56_limit(shared_data, shared_resnet56):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == 1000 and out["top1"] > 90
+
+
+def test_zoo_add_ships_a_pruned_model_with_its_base_licence_and_verification_images(tmp_path, tiny_cifar):
+    """A finished `prune` checkpoint ships with MACs dense/compiled, the prune command, the base's provenance and
+    licence file, and the first test images with the shipped model's logits (what build verifies on)."""
+    import numpy as np
+
+    from compiler import checkpoint, data
+
+    base, pruned, zoo_dir = tmp_path / "base.pt", tmp_path / "p.pt", tmp_path / "zoo"
+    save_checkpoint(base, "resnet8", build_model("resnet8"), "cifar")
+    r = cli("prune", "--checkpoint", base, "--data", tiny_cifar, "--flops-reduction", 0.5, "--finetune-epochs", 1,
+            "--batch-size", 32, "--bn-batches", 1, "--out", pruned)
+    assert r.returncode == 0, r.stderr
+    lic = tmp_path / "LICENSE.base"
+    lic.write_text("Copyright (c) 2018, Somebody\nBSD-2-Clause conditions ...\n")
+    r = cli("zoo", "--add", pruned, "--data", tiny_cifar, "--zoo-dir", zoo_dir, "--license", lic,
+            "--provenance", "example/repo, base.pt, BSD-2-Clause", "--json")
+    assert r.returncode == 0, r.stderr
+    card = json.loads(r.stdout.strip().splitlines()[-1])["added"]
+    assert card["kind"] == "pruned" and card["macs_compiled"] < card["macs_dense"]
+    assert card["macs_cut_pct"] == round(100 * (1 - card["macs_compiled"] / card["macs_dense"]), 2) >= 40
+    assert card["command"].startswith("python -m compiler prune --checkpoint") and card["epochs"] == 1
+    assert card["base"]["sha256"] == checkpoint.load_checkpoint(base).sha256
+    assert card["base"]["provenance"].startswith("example/repo") and card["base"]["license_file"] == "resnet8.LICENSE"
+    assert (zoo_dir / "resnet8.LICENSE").read_text() == lic.read_text()
+    shipped = checkpoint.load_checkpoint(zoo_dir / "resnet8.pt")
+    assert shipped.pruning is not None and shipped.train_state is None
+    with np.load(zoo_dir / "resnet8.verify.npz") as z:
+        test = data.load_split(tiny_cifar, "test")
+        assert np.array_equal(z["x"], test.images[:len(z["x"])].permute(0, 2, 3, 1).numpy())
+        with torch.inference_mode():
+            want = shipped.model(data.normalize(test.images[:len(z["x"])], "cifar")).numpy()
+        np.testing.assert_allclose(z["logits"], want, atol=1e-5)
+    assert_user_error(cli("zoo", "--add", pruned, "--data", tiny_cifar, "--zoo-dir", tmp_path / "z2",
+                          "--license", tmp_path / "none"), "--license")
+
+
+def test_main_job_builds_the_shipped_pruned_model_for_the_tx2(tmp_path):
+    """The README's main job as a user runs it (a real `python -m compiler` process, the one subprocess smoke test
+    of the CLI): no --checkpoint, no --data. It builds the shipped pruned ResNet56, says so, verifies it on the
+    shipped real test images with a real argmax requirement, and nothing says "untrained"."""
+    from compiler import zoo
+
+    card = zoo.card("resnet56")
+    assert card is not None, "compiler/zoo/resnet56.pt is the shipped default and must be in the package"
+    out = tmp_path / "tx2"
+    r = subprocess.run([sys.executable, "-m", "compiler", "build", "--target", "jetson-tx2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path, env={
+                           k: v for k, v in os.environ.items() if k not in ("CIFAR10_DIR", "TVM_NUM_THREADS")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "untrained" not in (r.stdout + r.stderr).lower()
+    assert "using the shipped resnet56" in r.stderr and "shipped resnet56" in r.stdout
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["checkpoint"]["shipped"] and man["checkpoint"]["sha256"] == card["sha256"]
+    assert man["flops"]["compiled"] <= 0.5 * man["flops"]["dense"]
+    v = man["verification"]
+    assert v["real_images"] and "shipped in compiler/zoo" in v["inputs"]
+    assert v["argmax_agreement"] >= v["argmax_agreement_required"] >= 0.9
+    assert v["top1_on_inputs"] >= 75  # 32 real test images; the model scores ~92.9 % on all 10,000
+    assert man["runtime"]["threads"] is None and "GPU" in man["runtime"]["how"]
+
+
+def test_eval_without_checkpoint_prints_the_shipped_cards_top1(shared_data):
+    from compiler import zoo
+
+    card = zoo.card("resnet56")
+    r = cli("eval", "--model", "resnet56", "--data", shared_data, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "using the shipped resnet56" in r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n"] == card["n_test"] == 10000 and out["top1"] == card["top1"] >= 92.5

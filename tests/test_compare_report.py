@@ -2,8 +2,6 @@
 pruned copy made with the prune package's functions, and a tiny generated CIFAR-10 folder."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,16 +9,13 @@ import torch
 
 from compiler.checkpoint import save_checkpoint
 from compiler.models import build_model
-from helpers import assert_user_error, randomize_bn, run_cli
+from helpers import assert_user_error, cli, randomize_bn, run_cli
 
 ROWS_KEYS = {"engine", "model", "precision", "batch", "median_ms", "p90_ms", "available"}
 # ONNX Runtime fp32 against PyTorch fp32: float32 summation order differs, nothing else may
 ONNX_FP32_TOL = 1e-4
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 def last_json(r):
@@ -62,10 +57,17 @@ def test_compare_rows_side_by_side(small, tmp_path):
     keep = tmp_path / "keep"
     out = last_json(cli("compare", "--model", "resnet8", "--checkpoint", small / "dense.pt",
                         "--pruned", small / "pruned.pt", "--data", small, "--batch", 2, "--repeat", 2,
-                        "--number", 1, "--warmup", 1, "--calib-images", 32, "--keep", keep, "--threads", 1,
-                        "--json"))
+                        "--number", 1, "--warmup", 1, "--calib-images", 32, "--keep", keep, "--json"))
     rows = out["rows"]
     assert all(ROWS_KEYS <= set(r) for r in rows)
+    # no --threads: every engine is timed at each candidate count and shown at its fastest (issue 14)
+    from compiler import threads
+
+    for r in rows:
+        if r["available"] and r["engine"] != "tensorrt":
+            tried = {int(n): ms for n, ms in r["threads_ms"].items()}
+            assert sorted(tried) == threads.candidates() and r["median_ms"] == tried[r["threads"]] == min(
+                tried.values()), r
     have = {(r["engine"], r["model"], r["precision"]) for r in rows if r["available"]}
     assert have >= {("pytorch", "dense", "fp32"), ("pytorch", "pruned", "fp32"),
                     ("onnxruntime", "dense", "fp32"), ("onnxruntime", "pruned", "fp32"),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from compiler.errors import UserError
 from compiler.models import build_model
 from compiler.prune import dependency, importance, pruner
 from compiler.train import FitConfig, fit
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, cli, run_cli
 
 
 def randomized(name: str, seed: int = 0) -> nn.Module:
@@ -251,9 +249,8 @@ def resnet20_ckpt(tmp_path):
 
 def test_cli_bad_fraction_is_one_error_line_and_exit_2(tmp_path, tiny_cifar, resnet20_ckpt):
     out = tmp_path / "out.pt"
-    r = subprocess.run([sys.executable, "-m", "compiler", "prune", "--checkpoint", str(resnet20_ckpt), "--data",
-                        str(tiny_cifar), "--flops-reduction", "1.5", "--finetune-epochs", "0", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = cli("prune", "--checkpoint", resnet20_ckpt, "--data", tiny_cifar, "--flops-reduction", "1.5",
+            "--finetune-epochs", "0", "--out", out)
     assert_user_error((r.returncode, r.stdout, r.stderr), "--flops-reduction")
     assert "Traceback" not in r.stderr and not out.exists()
 

@@ -24,6 +24,7 @@ import targets
 from compiler.errors import UserError
 from targets import elf
 from targets.library_bin import SYMBOL, LibraryBin
+from helpers import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +80,7 @@ def test_registry_facts():
 
 
 def test_cli_targets_json():
-    proc = subprocess.run([sys.executable, "-m", "compiler", "targets", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("targets", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [t["name"] for t in result["targets"]] == list(targets.NAMES)

@@ -210,7 +210,7 @@ def run(args) -> dict:
             params_dense=result.params_dense, params_pruned=result.params_pruned,
             bn_batches=int(args.bn_batches), source=str(src.path))
         metrics = {"top1_before": top1_before, "top1_oneshot": top1_oneshot, "top1": top1_oneshot,
-                   "epochs": 0, "history": []}
+                   "epochs": 0, "history": [], **_provenance(args)}
         state = {"epoch": 0, "epochs": epochs, "optimizer": None}
         save(model, record, metrics, state)
         done = epochs == 0
@@ -280,6 +280,13 @@ def run(args) -> dict:
     print(console.table(result["stages"], title="kept channels per stage"))
     print(f"(FLOPs counted as {pruner.FLOPS_CONVENTION}; checkpoint: {out})")
     return result
+
+
+def _provenance(args) -> dict:
+    """What the model card of this checkpoint will say made it: the command, the device, torch."""
+    return {"command": getattr(args, "_command", None),
+            "device": train_mod().device_name("cpu"), "torch": str(torch.__version__),
+            "distill": bool(args.distill)}
 
 
 def train_mod():

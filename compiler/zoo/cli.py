@@ -1,26 +1,39 @@
 """``zoo``: list the checkpoints shipped with the package, or add one with its model card.
 
 ``python -m compiler zoo`` prints every shipped checkpoint's card. ``python -m compiler zoo --add CKPT --data DIR``
-takes a finished ``train`` checkpoint, measures its top-1 on the full test set in fp32 and stored as fp16, keeps
-the fp16 copy when its top-1 is the same (half the bytes), and writes ``compiler/zoo/<model>.pt`` and the card
-``<model>.json``: top-1, the training command, epochs, wall time, where it trained, sha256.
+takes a finished ``train`` or ``prune`` checkpoint, measures its top-1 on the full test set in fp32 and stored as
+fp16, keeps the fp16 copy when its top-1 is the same (half the bytes), and writes ``compiler/zoo/<model>.pt``, the
+card ``<model>.json`` (top-1, the command that made it, epochs, wall time, where it ran, sha256; for a pruned model
+also MACs and parameters dense and pruned and the base checkpoint's provenance), ``<model>.verify.npz`` (the first
+few test images with the shipped model's logits: what ``build`` verifies on without ``--data``) and, with
+``--license FILE``, ``<model>.LICENSE`` (the base weights' licence, which travels with a derived binary).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from compiler import checkpoint, cli, console, data, zoo
 from compiler.errors import UserError
-from compiler.fileio import sha256_file, write_json
+from compiler.fileio import atomic_path, sha256_file, write_json
 
-CARD_COLUMNS = ["model", "top1", "epochs", "train_hours", "trained_on", "storage", "bytes", "sha256"]
+CARD_COLUMNS = ["model", "top1", "macs_cut_pct", "epochs", "train_hours", "trained_on", "storage", "bytes", "sha256"]
+VERIFY_IMAGES = 32
 
 
 def configure(p) -> None:
-    p.add_argument("--add", metavar="CKPT", help="ship this finished `train` checkpoint as its model's default")
+    p.add_argument("--add", metavar="CKPT",
+                   help="ship this finished `train` or `prune` checkpoint as its model's default")
+    p.add_argument("--provenance", metavar="TEXT", default=None,
+                   help="where the base weights of a pruned checkpoint come from (repository, file, licence)")
+    p.add_argument("--license", metavar="FILE", default=None,
+                   help="the base weights' licence text, shipped beside the checkpoint as <model>.LICENSE")
     cli.add_data_args(p)
     p.add_argument("--force", action="store_true", help="replace a shipped checkpoint of the same model")
     p.add_argument("--zoo-dir", type=Path, default=zoo.ZOO_DIR, metavar="DIR",
@@ -31,8 +44,9 @@ def configure(p) -> None:
 def card_for(ckpt: checkpoint.Checkpoint, top1: float, n_test: int, storage: str, path: Path) -> dict:
     m = ckpt.metrics
     seconds = sum(float(h.get("seconds") or 0) for h in m.get("history") or [])
-    return {
+    card = {
         "model": ckpt.model_name,
+        "kind": "pruned" if ckpt.pruning else "trained",
         "top1": top1,
         "n_test": n_test,
         "normalize": ckpt.normalize,
@@ -47,20 +61,48 @@ def card_for(ckpt: checkpoint.Checkpoint, top1: float, n_test: int, storage: str
         "sha256": sha256_file(path),
         "params": sum(p.numel() for p in ckpt.model.parameters()),
     }
+    if ckpt.pruning:
+        r = ckpt.pruning
+        card.update({
+            "macs_dense": r["flops_dense"], "macs_compiled": r["flops_pruned"],
+            "macs_cut_pct": round(100.0 * (1 - r["flops_pruned"] / r["flops_dense"]), 2),
+            "params_dense": r["params_dense"], "params_compiled": r["params_pruned"],
+            "macs_convention": r.get("flops_convention"),
+            "pruning": {k: r.get(k) for k in ("criterion", "flops_reduction_requested", "round_to", "floor",
+                                              "prune_stream", "bn_batches")},
+            "top1_before": m.get("top1_before"), "top1_oneshot": m.get("top1_oneshot"),
+        })
+    return card
+
+
+def _check_finished(src: checkpoint.Checkpoint, path) -> None:
+    if not src.metrics.get("history") and not (src.pruning and src.metrics.get("epochs") == 0):
+        raise UserError(f"{path} is not a checkpoint written by `train` or `prune` (no history to put on its card)")
+    state = src.train_state or {}
+    if state and int(state.get("epoch", 0)) < int(state.get("epochs", 0)):
+        verb = state.get("verb", "train")
+        raise UserError(f"{path} is unfinished (epoch {state.get('epoch')}/{state.get('epochs')}); "
+                        f"let `{verb}` finish it first")
+
+
+def _write_verification(dest: Path, model: torch.nn.Module, normalize: str, test: data.Split) -> dict:
+    """``<model>.verify.npz``: the first VERIFY_IMAGES test images (uint8 NHWC), labels and ``model``'s logits."""
+    head = test.head(VERIFY_IMAGES)
+    with torch.inference_mode():
+        logits = model(data.normalize(head.images, normalize)).numpy().astype(np.float32)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a name
+        np.savez_compressed(f, x=head.images.permute(0, 2, 3, 1).numpy(), y=head.labels.numpy(), logits=logits,
+                            indices=np.arange(len(head)))
+    return {"file": dest.name, "images": len(head), "from": f"the first {len(head)} CIFAR-10 test images"}
 
 
 def add(args) -> dict:
     from compiler.evaluate import top1
 
     src = checkpoint.load_checkpoint(args.add)
-    if src.pruning:
-        raise UserError(f"{args.add} is a pruned checkpoint; the zoo ships trained baselines")
-    if not src.metrics.get("history"):
-        raise UserError(f"{args.add} is not a checkpoint written by `train` (no training history to put on its card)")
-    state = src.train_state or {}
-    if state and int(state.get("epoch", 0)) < int(state.get("epochs", 0)):
-        raise UserError(f"{args.add} is unfinished (epoch {state.get('epoch')}/{state.get('epochs')}); "
-                        "let `train` finish it first")
+    _check_finished(src, args.add)
+    if args.license is not None and not Path(args.license).is_file():
+        raise UserError(f"--license {args.license} is not a file")
     args.zoo_dir.mkdir(parents=True, exist_ok=True)
     dest = args.zoo_dir / f"{src.model_name}.pt"
     if dest.exists() and not args.force:
@@ -69,15 +111,30 @@ def add(args) -> dict:
     acc32 = round(top1(src.model, test, src.normalize, desc="eval fp32"), 2)
     with tempfile.TemporaryDirectory(dir=args.zoo_dir) as tmp:
         half_path = Path(tmp) / dest.name
-        checkpoint.save_checkpoint(half_path, src.model_name, src.model, src.normalize, metrics=src.metrics, half=True)
+        checkpoint.save_checkpoint(half_path, src.model_name, src.model, src.normalize, pruning=src.pruning,
+                                   metrics=src.metrics, half=True)
         half = checkpoint.load_checkpoint(half_path)
         acc16 = round(top1(half.model, test, half.normalize, desc="eval fp16"), 2)
         if acc16 == acc32:  # lossless for top-1: ship half the bytes
             os.replace(half_path, dest)
+            shipped_model = half.model
         else:
-            checkpoint.save_checkpoint(dest, src.model_name, src.model, src.normalize, metrics=src.metrics)
+            checkpoint.save_checkpoint(dest, src.model_name, src.model, src.normalize, pruning=src.pruning,
+                                       metrics=src.metrics)
+            shipped_model = src.model
     card = card_for(src, acc16 if acc16 == acc32 else acc32, len(test), "fp16" if acc16 == acc32 else "fp32", dest)
     card["top1_fp32"] = acc32
+    card["verification"] = _write_verification(dest.with_name(dest.stem + zoo.VERIFY_SUFFIX), shipped_model,
+                                               src.normalize, test)
+    if src.pruning:
+        card["base"] = {"file": Path(str(src.pruning.get("source") or "")).name or None,
+                        "sha256": src.pruning.get("source_sha256"), "top1": src.metrics.get("top1_before"),
+                        "provenance": args.provenance}
+    if args.license:
+        lic = dest.with_suffix(".LICENSE")
+        with atomic_path(lic) as tmp:
+            shutil.copyfile(args.license, tmp)
+        card.setdefault("base", {})["license_file"] = lic.name
     write_json(dest.with_suffix(".json"), card)
     print(console.table([card], CARD_COLUMNS, title="shipped"))
     return {"added": card, "shipped": zoo.shipped(args.zoo_dir)}

@@ -1,0 +1,84 @@
+"""Thread counts: which one runs a model fastest on this machine, and how TVM is set to it.
+
+At batch 1 a tuned CIFAR model is ~100 kernels of a few microseconds each; a fork/join per kernel can make two
+threads slower than one (measured on a 2-core Zen 4: 1.5 ms vs 0.45 ms). So nothing here assumes "more is
+faster": ``build`` times the module at every candidate count and records the fastest in the manifest, every
+loader applies it, and ``compare`` times each engine at each count.
+
+TVM's thread pool is sized once per process from ``TVM_NUM_THREADS`` (else ``OMP_NUM_THREADS``, else half the
+logical CPUs on x86); :func:`prepare_tvm` sizes it to this machine's cores before the first run so that any count
+up to that can be chosen later with :func:`set_tvm`. A ``TVM_NUM_THREADS`` the user set always wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "TVM_NUM_THREADS"
+_user_env = os.environ.get(ENV)  # what the user's environment said before this project touched it
+
+
+def user_tvm_threads() -> int | None:
+    """The thread count the user chose with ``TVM_NUM_THREADS`` (None when unset or not a positive number)."""
+    try:
+        n = int(_user_env) if _user_env is not None else None
+    except ValueError:
+        return None
+    return n if n and n > 0 else None
+
+
+def cores() -> int:
+    """Cores this process may use (physical where the OS tells them apart from SMT siblings)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(allowed, physical))
+
+
+def candidates() -> list[int]:
+    """Thread counts worth timing here: 1, 2, 4, ... and all cores."""
+    n, out, c = cores(), [], 1
+    while c < n:
+        out.append(c)
+        c *= 2
+    return out + [n]
+
+
+def prepare_tvm() -> None:
+    """Size TVM's pool to this machine's cores (before TVM runs anything) unless the user set ``TVM_NUM_THREADS``."""
+    if _user_env is None:
+        os.environ[ENV] = str(cores())
+
+
+def set_tvm(n: int) -> int:
+    """Run TVM kernels on ``n`` threads from now on (capped at the pool's size); the count now in use."""
+    import tvm
+    import tvm_ffi
+
+    prepare_tvm()
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))
+    return int(tvm.runtime.num_threads())
+
+
+def apply_recorded(manifest: dict) -> dict:
+    """Set TVM to the thread count ``manifest`` recorded as fastest; ``{"threads", "source"}`` of what is used."""
+    user = user_tvm_threads()
+    if user is not None:
+        return {"threads": set_tvm(user), "source": f"{ENV}={user} (yours)"}
+    best = ((manifest.get("runtime") or {}).get("threads"))
+    if not isinstance(best, int) or best <= 0:
+        return {"threads": set_tvm(cores()), "source": "no recorded count: this machine's cores"}
+    n = min(best, cores())
+    return {"threads": set_tvm(n), "source": "measured fastest at build" + ("" if n == best else
+                                                                          f" ({best}, capped at {n} cores)")}
+
+
+def fastest(time_at, counts: list[int] | None = None) -> tuple[int, dict[int, dict]]:
+    """``time_at(n)`` -> a stats dict with ``median_ms`` for each candidate count; ``(best count, {n: stats})``."""
+    results = {n: time_at(n) for n in (counts or candidates())}
+    best = min(results, key=lambda n: (results[n]["median_ms"], n))
+    return best, results
