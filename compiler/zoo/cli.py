@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from compiler import checkpoint, cli, console, data, zoo
+from compiler import checkpoint, cli, console, data, fileio, zoo
 from compiler.errors import UserError
 from compiler.fileio import sha256_file, write_json
 
@@ -61,10 +61,13 @@ def add(args) -> dict:
     if state and int(state.get("epoch", 0)) < int(state.get("epochs", 0)):
         raise UserError(f"{args.add} is unfinished (epoch {state.get('epoch')}/{state.get('epochs')}); "
                         "let `train` finish it first")
-    args.zoo_dir.mkdir(parents=True, exist_ok=True)
     dest = args.zoo_dir / f"{src.model_name}.pt"
     if dest.exists() and not args.force:
         raise UserError(f"a {src.model_name} is already shipped ({dest}); pass --force to replace it")
+    for path in (dest, dest.with_suffix(".json")):  # --force replaces a shipped file, never a folder
+        fileio.check_output(path, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(args.add, args.data),
+                            what="shipped checkpoint")
+    args.zoo_dir.mkdir(parents=True, exist_ok=True)
     test = data.load_split(args.data, "test", download=args.download)
     acc32 = round(top1(src.model, test, src.normalize, desc="eval fp32"), 2)
     with tempfile.TemporaryDirectory(dir=args.zoo_dir) as tmp:
@@ -84,6 +87,10 @@ def add(args) -> dict:
 
 
 def run(args) -> dict:
+    if args.zoo_dir.exists() and not args.zoo_dir.is_dir():
+        raise UserError(f"--zoo-dir {args.zoo_dir} is a file, not a folder")
+    if not args.add and not args.zoo_dir.exists():
+        raise UserError(f"--zoo-dir {args.zoo_dir} does not exist")
     if args.add:
         return add(args)
     cards = zoo.shipped(args.zoo_dir)
