@@ -114,8 +114,8 @@ def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=
 
 def check_batch(batch: int, flag: str = "--batch") -> int:
     if not 0 < batch <= MAX_BATCH:
-        raise UserError(f"{flag} must be between 1 and {MAX_BATCH} (the static batch a module is compiled for), "
-                        f"got {batch}")
+        raise UserError(f"{flag} must be between 1 and {MAX_BATCH}, got {batch} (a static batch is compiled into "
+                        "every kernel; larger ones need gigabytes to compile and verify)")
     return batch
 
 
