@@ -91,7 +91,11 @@ def check_output(path: str | os.PathLike, *, kind: str = "folder", is_ours: Call
         if kind == "folder":
             if not path.is_dir():
                 raise UserError(f"{flag} {path} exists and is not a folder; {keep}")
-            if any(path.iterdir()) and not (is_ours is not None and is_ours(path)):
+            try:
+                used = any(path.iterdir())
+            except OSError as e:
+                raise UserError(f"cannot read {flag} {path} ({e.strerror or e}); {keep}") from None
+            if used and not (is_ours is not None and is_ours(path)):
                 raise UserError(f"{flag} {path} is a folder that is neither empty nor an earlier {what}; {keep}")
         else:
             if path.is_dir():
