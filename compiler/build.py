@@ -24,6 +24,9 @@ MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 VERIFY_SAMPLES = 16
 VERIFY_SAMPLES_SHIPPED = 32  # all the shipped verification images: they cost nothing to read
+# a static batch is compiled into every kernel and buffer: 1024 images is already 12 MB of input; the time and
+# memory to compile and verify grow with it (batch 100000 took over 6 GB)
+MAX_BATCH = 1024
 
 
 def configure(p) -> None:
@@ -172,6 +175,21 @@ def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=
     return Lowered(dense, stripped, module, strip_report, quant_report, calib_desc)
 
 
+def check_batch(batch: int, flag: str = "--batch") -> int:
+    if not 0 < batch <= MAX_BATCH:
+        raise UserError(f"{flag} must be between 1 and {MAX_BATCH}, got {batch} (a static batch is compiled into "
+                        "every kernel; larger ones need gigabytes to compile and verify)")
+    return batch
+
+
+def check_out(out: Path, *inputs) -> Path:
+    """Refuse ``--out`` unless it is new, an empty folder or an earlier artifact of this project (before any work)."""
+    from compiler.artifact import is_artifact
+
+    return fileio.check_output(out, is_ours=is_artifact, inputs=inputs,
+                               what="artifact of this project (a folder with its manifest.json)")
+
+
 def parse_keep(text: str) -> tuple[str, ...]:
     items = tuple(x.strip() for x in text.split(",") if x.strip())
     return () if items in ((), ("none",)) else items
@@ -189,8 +207,7 @@ def build(args) -> dict:
     threads.prepare_tvm()  # before any module runs (calibration): thread counts up to the cores can be timed
     t_start = time.perf_counter()
     spec = targets.get(args.target)
-    if args.batch <= 0:
-        raise UserError("--batch must be positive")
+    check_batch(args.batch)
     weights_note = None
     try:
         ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
@@ -209,6 +226,7 @@ def build(args) -> dict:
         console.warn(weights_note)
     prec, prec_reason = precision.choose(args.precision, spec)
     out = Path(args.out or f"artifacts/{ckpt.model_name}-{spec.name}")
+    check_out(out, ckpt.path, args.data, args.tuning_log)
 
     steps = console.progress(total=5, desc="build", unit="step", leave=False)
     steps.set_postfix_str("import + strip" + (" + calibrate" if precision.needs_calibration(prec) else ""))
@@ -237,6 +255,9 @@ def build(args) -> dict:
     x, x_desc = verify.x, verify.description
     with torch.inference_mode():
         ref = ckpt.model(x).numpy()
+    if not np.isfinite(ref).all():
+        raise UserError("the model itself (PyTorch) outputs NaN or infinite logits on the verification inputs; "
+                        "its weights are broken; artifact not written")
     if verify.shipped is not None and zoo.is_shipped(ckpt):
         stored = verify.shipped["logits"][:len(ref)]
         if not np.allclose(ref, stored, atol=1e-3, rtol=1e-3):
@@ -261,7 +282,9 @@ def build(args) -> dict:
     runtime = measure_threads(executable, args.batch) if runs_here else board_threads(spec)
 
     steps.set_postfix_str("write artifact")
-    with fileio.atomic_dir(out) as tmp:
+    from compiler.artifact import is_artifact
+
+    with fileio.atomic_dir(out, replace_if=is_artifact) as tmp:
         with console.filter_native_stderr():
             exported = targets.export_library(executable, tmp / LIBRARY, spec)
         mean, std = data.NORMALIZATIONS[ckpt.normalize]
@@ -296,7 +319,8 @@ def build(args) -> dict:
                              "argmax_agreement_required": min_agree, "real_images": verify.real,
                              "top1_on_inputs": _top1_on(verify, got),
                              "inputs": x_desc, "run_on": f"{host.name} ({platform.machine()})"},
-            "artifact": {"file": LIBRARY, "sha256": fileio.sha256_file(tmp / LIBRARY), **(exported or {})},
+            "artifact": {"file": LIBRARY, "sha256": fileio.sha256_file(tmp / LIBRARY),
+                         "bytes": (tmp / LIBRARY).stat().st_size, **(exported or {})},
             "tvm_version": tvm.__version__,
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,22 +45,47 @@ class Checkpoint:
 
 
 def _read(path: Path) -> object:
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        detail = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "")
-        if "Unsupported global" in text:
+        # torch words it "Unsupported global: GLOBAL x.y was not an allowed global" or "unsupported GLOBAL x.y
+        # whose module x is blocked", depending on the version and on what the pickle calls
+        unsafe = re.search(r"unsupported\s+global\W*(?:global\s+)?([\w.]+)", text, re.IGNORECASE)
+        if unsafe:
             raise UserError(
-                f"refused to load {path}: it holds objects that only an unsafe pickle load could build, "
-                f"and checkpoints are loaded with weights_only=True ({detail})"
+                f"refused to load {path}: the file would run code when unpickled (it calls {unsafe.group(1)}); "
+                "checkpoints are loaded with weights_only=True"
             ) from None
+        detail = next((ln.strip() for ln in text.splitlines() if "unsupported" in ln.lower()), "")
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({detail or 'unpickling failed'})") from None
     except Exception as e:  # noqa: BLE001 - a corrupt file fails in many ways (struct.error, EOFError, zip errors...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
+
+
+# the project format's fields besides state_dict: name -> (accepted types, what it must be)
+_FIELDS = {
+    "model": ((str,), "a model name"),
+    "normalize": ((str, type(None)), "a normalization name"),
+    "pruning": ((dict, type(None)), "an object or null"),
+    "metrics": ((dict, type(None)), "an object or null"),
+    "train_state": ((dict, type(None)), "an object or null"),
+}
+
+
+def _check_fields(obj: dict, path: Path) -> None:
+    """A project-format checkpoint's fields have the types the verbs rely on (else one line naming the field)."""
+    for key, (types, what) in _FIELDS.items():
+        if key in obj and not isinstance(obj[key], types):
+            raise UserError(f"{path}: field '{key}' must be {what}, not {type(obj[key]).__name__}; "
+                            "the checkpoint is damaged")
 
 
 def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -104,6 +131,12 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], model_name:
             raise UserError(
                 f"{path} does not fit {model_name}: '{k}' has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
             )
+        if expected[k].is_floating_point() and not v.is_floating_point():
+            raise UserError(f"{path}: '{k}' holds {v.dtype} values, expected floating-point weights")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise UserError(f"{path}: '{k}' holds NaN or infinite values ({bad} of {v.numel()}); "
+                            "the weights are broken (a diverged training run?)")
     model.load_state_dict(state_dict, strict=False)
 
 
@@ -113,6 +146,8 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, norm
     obj = _read(path)
     state_dict = _state_dict_of(obj, path)
     ours = isinstance(obj, dict) and obj.get("format") == FORMAT
+    if ours:
+        _check_fields(obj, path)
     recorded = obj.get("model") if ours else None
     if model_name is not None:
         model_name = models.check_name(model_name)

@@ -395,8 +395,18 @@ def _agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
 def _check_args(args) -> None:
     if args.repeat <= 0 or args.number <= 0 or args.warmup < 0:
         raise UserError("--repeat and --number must be positive, --warmup 0 or more")
-    if args.batch is not None and args.batch <= 0:
-        raise UserError("--batch must be positive")
+    if args.batch is not None:
+        from compiler.build import check_batch
+
+        check_batch(args.batch)
+
+
+def _is_keep_dir(folder: Path) -> bool:
+    """What --keep may reuse: a folder holding only what compare writes there (ONNX files, artifact folders)."""
+    from compiler.artifact import is_artifact
+
+    return all(p.name.startswith(".") or (p.is_file() and ".onnx" in p.name) or (p.is_dir() and is_artifact(p))
+               for p in folder.iterdir())
 
 
 def run(args) -> dict:
@@ -414,6 +424,11 @@ def run(args) -> dict:
     info = {"machine_at_start": machine()}
     dense, pruned, small = load_models(args.model, args.checkpoint, args.pruned, args.normalize)
     name = dense.model_name
+    if args.keep:
+        from compiler import fileio
+
+        fileio.check_output(args.keep, is_ours=_is_keep_dir, flag="--keep", what="--keep folder of compare",
+                            inputs=(dense.path, pruned and pruned.path, args.data, *(args.artifact or [])))
 
     # TVM artifacts given: check them before the long work
     given = []

@@ -9,6 +9,8 @@ Images come back as uint8 NCHW tensors; normalization happens batch by batch (se
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,8 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
         if not data:
             raise UserError("no data folder: pass --data DIR or set CIFAR10_DIR")
     path = Path(data).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"data folder {path} is a file, not a folder")
     if not path.is_dir():
         raise UserError(f"data folder {path} does not exist")
     return path
@@ -63,14 +67,36 @@ def check_normalization(name: str) -> str:
     return name
 
 
+def check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
+    """What every split must be, checked where it enters: x uint8 (N, 32, 32, 3) with N > 0, y integer (N,) in
+    0..9. Anything else would train or evaluate silently wrong (a (N, 1) y broadcasts into nonsense top-1)."""
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise UserError(f"{source}: images x must be uint8 (N, 32, 32, 3), got {x.dtype} {x.shape}")
+    if y.ndim != 1:
+        raise UserError(f"{source}: labels y must be one-dimensional (N,), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{source}: labels y must be integers 0..9, got {y.dtype}")
+    if len(y) != len(x):
+        raise UserError(f"{source}: {len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise UserError(f"{source} holds no images")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= len(CLASSES):
+        bad = low if low < 0 else high
+        raise UserError(f"{source}: labels y must be class indices 0..{len(CLASSES) - 1}, found {bad}")
+
+
 def _from_npz(path: Path) -> Split:
     try:
-        with np.load(path, allow_pickle=False) as f:
-            x, y = f["x"], f["y"]
-    except (OSError, ValueError, KeyError) as e:
+        with open(path, "rb") as fh:  # closed even when np.load fails
+            f = np.load(fh, allow_pickle=False)
+            if not hasattr(f, "files"):  # a lone .npy array
+                raise ValueError("an .npy array, not an npz archive")
+            with f:
+                x, y = f["x"], f["y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"{path} is not a CIFAR-10 npz file with keys x and y ({type(e).__name__}: {e})") from None
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
-        raise UserError(f"{path}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {x.dtype} {x.shape}, y {y.shape}")
+    check_arrays(x, y, str(path))
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     return Split(images, torch.from_numpy(y.astype(np.int64)), str(path))
 
@@ -82,8 +108,10 @@ def _from_torchvision(root: Path, train: bool, download: bool) -> Split:
         ds = CIFAR10(str(root), train=train, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
         raise UserError(f"{root / TORCHVISION_DIR}: {e}") from None
+    labels = np.asarray(ds.targets)
+    check_arrays(ds.data, labels, str(root / TORCHVISION_DIR))
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    return Split(images, torch.tensor(ds.targets, dtype=torch.int64), str(root / TORCHVISION_DIR))
+    return Split(images, torch.from_numpy(labels.astype(np.int64)), str(root / TORCHVISION_DIR))
 
 
 def load_split(data: str | os.PathLike | None, split: str = "test", download: bool = False) -> Split:
@@ -94,6 +122,8 @@ def load_split(data: str | os.PathLike | None, split: str = "test", download: bo
         Path(data).expanduser().mkdir(parents=True, exist_ok=True)
     root = resolve_data_dir(data)
     npz = root / NPZ_NAMES[split]
+    if npz.is_dir():
+        raise UserError(f"{npz} is a folder, not an npz file")
     if npz.is_file():
         return _from_npz(npz)
     if (root / TORCHVISION_DIR).is_dir() or download:

@@ -40,6 +40,13 @@ def run(args) -> dict:
     if args.artifact:
         from compiler import artifact
 
+        given = [f for f, v in (("--checkpoint", args.checkpoint), ("--model", args.model),
+                                ("--normalize", args.normalize)) if v is not None]
+        if given:
+            raise UserError(f"{' and '.join(given)} cannot be used with --artifact: the artifact holds its own "
+                            "model, weights and normalization (see its manifest.json); drop "
+                            f"{' and '.join(given)}, or drop --artifact to evaluate the checkpoint")
+
         return artifact.evaluate(args)
     from compiler import zoo
 

@@ -13,6 +13,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
+
+from compiler.errors import UserError
 
 
 @contextlib.contextmanager
@@ -43,13 +46,81 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Pre-flight before the work starts: ``path`` (a file or folder, existing or not) can be created or replaced.
+
+    The nearest existing folder at or above ``path`` must take a new file (tried, not guessed from mode bits).
+    """
+    path = Path(path).expanduser()
+    probe = path.absolute() if path.is_dir() else path.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write {flag} {path}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path}: {probe} is not writable ({e.strerror or e})") from None
+    return path
+
+
+def check_output(path: str | os.PathLike, *, kind: str = "folder", is_ours: Callable[[Path], bool] | None = None,
+                 what: str = "output of this project", inputs: Iterable = (), flag: str = "--out") -> Path:
+    """The one rule for everything a verb writes: never replace what this project did not write.
+
+    Refused: the working folder or one of its parents, a path that is or holds one of ``inputs`` (the checkpoint
+    ...), a file where a folder is wanted (and the reverse), and an existing non-empty folder (``kind="folder"``)
+    or existing file (``kind="file"``) unless ``is_ours(path)`` recognises it as this project's earlier output.
+    An empty folder may be used. Then :func:`check_writable`. Nothing is changed here.
+    """
+    path = Path(path).expanduser()
+    real = path.resolve()
+    cwd = Path.cwd().resolve()
+    keep = f"choose another {flag} (nothing was changed)"
+    if _within(cwd, real):
+        raise UserError(f"{flag} {path} is the working folder or one of its parents; {keep}")
+    for item in inputs:
+        if item is not None and _within(Path(item).expanduser().resolve(), real):
+            raise UserError(f"{flag} {path} is or holds the input {item}; {keep}")
+    if path.exists() or path.is_symlink():
+        if kind == "folder":
+            if not path.is_dir():
+                raise UserError(f"{flag} {path} exists and is not a folder; {keep}")
+            try:
+                used = any(path.iterdir())
+            except OSError as e:
+                raise UserError(f"cannot read {flag} {path} ({e.strerror or e}); {keep}") from None
+            if used and not (is_ours is not None and is_ours(path)):
+                raise UserError(f"{flag} {path} is a folder that is neither empty nor an earlier {what}; {keep}")
+        else:
+            if path.is_dir():
+                raise UserError(f"{flag} {path} is a folder, not a file; {keep}")
+            if not (is_ours is not None and is_ours(path)):
+                raise UserError(f"{flag} {path} exists and is not an earlier {what}; {keep}")
+    return check_writable(path, flag)
+
+
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
+def atomic_dir(path: str | os.PathLike, replace_if: Callable[[Path], bool] | None = None):
     """Yield a temporary folder beside ``path``; it replaces ``path`` only when the block succeeds.
 
-    An existing folder at ``path`` is moved aside first and removed only after the new one is in place.
+    An existing folder at ``path`` is replaced only when it is empty or ``replace_if(path)`` holds (this
+    project's earlier output; see :func:`check_output`), else UserError before anything is written. It is moved
+    aside first and removed only after the new one is in place.
     """
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and not (
+            is_empty_dir(path) or (path.is_dir() and not path.is_symlink() and replace_if and replace_if(path))):
+        raise UserError(f"{path} exists and is not an earlier output of this project; nothing was changed")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

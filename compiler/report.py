@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import datetime
 import io
+import json
 import shlex
 import sys
 import time
@@ -34,6 +35,7 @@ STAGES = (  # (stage, which checkpoint, precision)
     ("pruned + int8", "pruned", "int8"),
 )
 FILES = ("report.md", "report.json", "accuracy_vs_flops.png", "latency_per_stage.png")
+REPORT_FORMAT = "cifar-hybrid-compiler/report"
 
 
 def configure(p) -> None:
@@ -73,6 +75,9 @@ def _check_args(args) -> None:
     for flag in ("repeat", "number", "throughput_batch", "throughput_repeat", "throughput_number"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
+    from compiler.build import check_batch
+
+    check_batch(args.throughput_batch, "--throughput-batch")
     if args.warmup < 0:
         raise UserError("--warmup must be 0 or more")
     if args.limit_test is not None and args.limit_test <= 0:
@@ -89,6 +94,19 @@ def _check_args(args) -> None:
     if spec.kind != "cpu" or spec.cross_compiled:
         raise UserError(f"report measures on this machine: --target {args.target} does not run here "
                         "(use host)")
+
+
+def is_report_dir(folder: Path) -> bool:
+    """A folder `report` wrote (its report.json), or one holding only what report writes (an interrupted run)."""
+    try:
+        info = json.loads((folder / "report.json").read_text())
+        if isinstance(info, dict) and (info.get("format") == REPORT_FORMAT or "rows" in info and
+                                       str(info.get("command", "")).startswith("python -m compiler report")):
+            return True
+    except (OSError, ValueError):
+        pass
+    return all(p.name.startswith(".") or p.name in FILES or p.name == "artifacts" or
+               p.name.endswith("-pruned-oneshot.pt") for p in folder.iterdir())
 
 
 def _default_models() -> list[str]:
@@ -370,8 +388,8 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     start_machine = machine()
     out = Path(args.out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    fileio.check_output(out, is_ours=is_report_dir, what="report of this project (with its report.json)",
+                        inputs=(*(args.checkpoint or []), *(args.pruned or []), args.data))
     plans = resolve(args)
     test = data.load_split(args.data, "test", download=args.download)  # fail early without data
     first_images = test.images[:max(1, min(len(test), args.throughput_batch))]
@@ -419,6 +437,7 @@ def run(args) -> dict:
     for note in notes:
         print(f"note: {note}")
     result = {
+        "format": REPORT_FORMAT,
         "out": str(out),
         "target": args.target,
         "command": "python -m compiler report " + " ".join(shlex.quote(a) for a in sys.argv[2:])

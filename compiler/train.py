@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from compiler import checkpoint, cli, console, data, models
+from compiler import checkpoint, cli, console, data, fileio, models
 from compiler.errors import UserError
 from compiler.evaluate import top1
 
@@ -198,13 +198,19 @@ def run(args) -> dict:
     if args.epochs <= 0:
         raise UserError("--epochs must be positive")
     out = Path(args.out)
+    # an existing file is judged below (only this project's unfinished training checkpoint is resumed)
+    fileio.check_output(out, kind="file", is_ours=Path.is_file, what="checkpoint", inputs=(args.data,))
     state, prev = None, None
     model = models.build_model(name)
     if out.exists():
-        prev = checkpoint.load_checkpoint(out, None)
+        refuse = (f"{out} exists and is not a resumable training checkpoint of this project; "
+                  "choose another --out (nothing was overwritten)")
+        try:
+            prev = checkpoint.load_checkpoint(out, None)
+        except UserError as e:
+            raise UserError(f"{refuse} ({e})") from None
         if prev.train_state is None or prev.train_state.get("verb") == "prune":
-            raise UserError(f"{out} exists and is not a resumable training checkpoint of this project; "
-                            "choose another --out (nothing was overwritten)")
+            raise UserError(refuse)
         if prev.model_name != name:
             raise UserError(f"{out} is a {prev.model_name} training checkpoint, not {name}")
         state, model = prev.train_state, prev.model

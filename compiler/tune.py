@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compiler import cli, console, data, precision, tuning, zoo
+from compiler import cli, console, data, fileio, precision, tuning, zoo
 from compiler.errors import UserError
 
 TRACKER_TIMEOUT_S = 5.0  # connecting to / asking the tracker; an unreachable tracker fails within this
@@ -83,7 +83,8 @@ def tracker_summary(host: str, port: int, timeout: float = TRACKER_TIMEOUT_S) ->
     """
     from tvm.rpc import base
 
-    hint = f"start it with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}`"
+    # the tracker binds the first free port in [--port, --port-end), and --port-end defaults to 9199
+    hint = f"start it with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port} --port-end {port + 1}`"
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
@@ -390,6 +391,18 @@ def _quiet_metaschedule():
             lg.addHandler(h)
 
 
+def _is_log_dir(directory: Path) -> bool:
+    """A tuning-log folder of this project: its meta file, or a MetaSchedule database (checked by check_meta)."""
+    names = (tuning.META_FILE, tuning.WORKLOAD_FILE, tuning.RECORD_FILE, tuning.LOCK_FILE)
+    return any((directory / f).is_file() for f in names)
+
+
+def check_log_dir(directory: Path, *inputs) -> None:
+    """The log folder is new, empty, or a tuning log of this project; never someone else's folder."""
+    fileio.check_output(directory, is_ours=_is_log_dir, inputs=inputs, flag="--log-dir",
+                        what="tuning log of this project")
+
+
 @contextlib.contextmanager
 def _lock(directory: Path):
     import fcntl
@@ -437,6 +450,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
 
     variant = tuning.variant_of(mod, prec)
     directory = Path(directory) if directory is not None else tuning.log_dir(spec.name, model_name, variant, root)
+    check_log_dir(directory)
     target = tuning.tune_target(spec, num_cores)
     meta = tuning.read_meta(directory)
     has_db = (directory / tuning.WORKLOAD_FILE).exists() or (directory / tuning.RECORD_FILE).exists()
@@ -584,11 +598,12 @@ def load_model(args):
 def run(args) -> dict:
     import targets
 
-    from compiler.build import lower, parse_keep
+    from compiler.build import check_batch, lower, parse_keep
 
     spec = targets.get(args.target)
-    if args.batch <= 0:
-        raise UserError("--batch must be positive")
+    check_batch(args.batch)
+    if args.log_dir is not None:
+        check_log_dir(Path(args.log_dir), args.checkpoint, args.data)  # before the model is loaded and lowered
     if args.trials <= 0:
         raise UserError("--trials must be positive")
     if (args.tracker is None) != (args.key is None):

@@ -37,6 +37,31 @@ def header(obj, offset: int = 0) -> dict:
             "phoff": e_phoff, "phentsize": e_phentsize, "phnum": e_phnum}
 
 
+_PHDR = struct.Struct("<IIQQQQQQ")
+SHT_NOBITS = 8
+
+
+def required_size(obj) -> int:
+    """Bytes the file must have for its ELF header, program and section header tables and the file-backed part
+    of every segment and section (a truncated shared object is refused with this before it is mapped)."""
+    data = _data(obj)
+    if len(data) < _EHDR.size:
+        raise ValueError(f"{len(data)} bytes is too short for an ELF header")
+    h = header(data)
+    need = max(_EHDR.size, h["phoff"] + h["phnum"] * h["phentsize"], h["shoff"] + h["shnum"] * h["shentsize"])
+    if need > len(data):
+        return need
+    for i in range(h["phnum"]):
+        _type, _flags, off, _vaddr, _paddr, filesz, _memsz, _align = _PHDR.unpack_from(
+            data, h["phoff"] + i * h["phentsize"])
+        need = max(need, off + filesz)
+    for i in range(h["shnum"]):
+        sh = _SHDR.unpack_from(data, h["shoff"] + i * h["shentsize"])
+        if sh[1] != SHT_NOBITS:
+            need = max(need, sh[4] + sh[5])
+    return need
+
+
 def sections(obj, offset: int = 0) -> list[dict]:
     data = _data(obj)
     h = header(data, offset)

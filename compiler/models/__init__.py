@@ -13,6 +13,9 @@ from compiler.models.resnet import CifarResNet
 NAMED = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "googlenet")
 NUM_CLASSES = 10
 INPUT_SHAPE = (3, 32, 32)
+# the deepest CIFAR ResNet published (He et al. 2016, ResNet-1202: 200 blocks per stage); deeper names are refused
+# before anything is built (resnet6000002 would take minutes and gigabytes just to construct)
+MAX_RESNET_DEPTH = 1202
 
 
 def resnet_depth(name: str) -> int | None:
@@ -26,7 +29,11 @@ def resnet_depth(name: str) -> int | None:
 
 def check_name(name: str) -> str:
     name = name.strip().lower()
-    if name != "googlenet" and resnet_depth(name) is None:
+    depth = resnet_depth(name)
+    if depth is not None and depth > MAX_RESNET_DEPTH:
+        raise UserError(f"{name} is too deep: the limit is resnet{MAX_RESNET_DEPTH} (the deepest CIFAR ResNet "
+                        f"published, {(MAX_RESNET_DEPTH - 2) // 6} blocks per stage)")
+    if name != "googlenet" and depth is None:
         raise UserError(
             f"unknown model '{name}': choose googlenet or a CIFAR ResNet of depth 6n+2 ({', '.join(NAMED[:-1])}, ...)"
         )

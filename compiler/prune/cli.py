@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from compiler import checkpoint, cli, console, data
+from compiler import checkpoint, cli, console, data, fileio
 from compiler.errors import UserError
 from compiler.evaluate import top1
 from compiler.prune import dependency, importance, pruner
@@ -171,6 +171,8 @@ def run(args) -> dict:
     out = Path(args.out).expanduser()
     if out.exists() and out.resolve() == Path(src.path).resolve():
         raise UserError("--out is the input checkpoint; choose another --out (nothing was overwritten)")
+    # an existing file is judged by _resume (only this project's prune checkpoint of the same settings is resumed)
+    fileio.check_output(out, kind="file", is_ours=Path.is_file, what="prune checkpoint", inputs=(src.path, args.data))
     graph = dependency.analyze(src.model, prune_stream=args.prune_stream)
     if not any(g.prunable for g in graph.groups):
         raise UserError(f"nothing prunable in {name}")

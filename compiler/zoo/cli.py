@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler import checkpoint, cli, console, data, zoo
+from compiler import checkpoint, cli, console, data, fileio, zoo
 from compiler.errors import UserError
 from compiler.fileio import atomic_path, sha256_file, write_json
 
@@ -103,10 +103,13 @@ def add(args) -> dict:
     _check_finished(src, args.add)
     if args.license is not None and not Path(args.license).is_file():
         raise UserError(f"--license {args.license} is not a file")
-    args.zoo_dir.mkdir(parents=True, exist_ok=True)
     dest = args.zoo_dir / f"{src.model_name}.pt"
     if dest.exists() and not args.force:
         raise UserError(f"a {src.model_name} is already shipped ({dest}); pass --force to replace it")
+    for path in (dest, dest.with_suffix(".json")):  # --force replaces a shipped file, never a folder
+        fileio.check_output(path, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(args.add, args.data),
+                            what="shipped checkpoint")
+    args.zoo_dir.mkdir(parents=True, exist_ok=True)
     test = data.load_split(args.data, "test", download=args.download)
     acc32 = round(top1(src.model, test, src.normalize, desc="eval fp32"), 2)
     with tempfile.TemporaryDirectory(dir=args.zoo_dir) as tmp:
@@ -141,6 +144,10 @@ def add(args) -> dict:
 
 
 def run(args) -> dict:
+    if args.zoo_dir.exists() and not args.zoo_dir.is_dir():
+        raise UserError(f"--zoo-dir {args.zoo_dir} is a file, not a folder")
+    if not args.add and not args.zoo_dir.exists():
+        raise UserError(f"--zoo-dir {args.zoo_dir} does not exist")
     if args.add:
         return add(args)
     cards = zoo.shipped(args.zoo_dir)
