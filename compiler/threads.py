@@ -13,6 +13,7 @@ up to that can be chosen later with :func:`set_tvm`. A ``TVM_NUM_THREADS`` the u
 from __future__ import annotations
 
 import os
+import time
 
 ENV = "TVM_NUM_THREADS"
 _user_env = os.environ.get(ENV)  # what the user's environment said before this project touched it
@@ -61,6 +62,7 @@ def set_tvm(n: int) -> int:
 
     prepare_tvm()
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))
+    time.sleep(0.02)  # let workers of a larger count stop spinning before anything is timed
     return int(tvm.runtime.num_threads())
 
 

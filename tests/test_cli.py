@@ -96,7 +96,8 @@ def test_zoo_add_writes_card_that_eval_reproduces_and_refuses_unfinished_runs(tm
     card = json.loads(r.stdout.strip().splitlines()[-1])["added"]
     assert card["model"] == "resnet8" and card["epochs"] == 1 and card["n_test"] == 32
     assert card["storage"] in ("fp16", "fp32") and card["command"] == ck["metrics"]["command"]
-    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.json", "resnet8.pt", "resnet8.verify.npz"]
+    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.json", "resnet8.md", "resnet8.pt",
+                                                         "resnet8.verify.npz"]
     # the card's top-1 is what eval of the shipped file prints
     r = cli("eval", "--checkpoint", zoo_dir / "resnet8.pt", "--data", tiny_cifar, "--json")
     assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] == card["top1"]
@@ -145,6 +146,8 @@ def test_zoo_add_ships_a_pruned_model_with_its_base_licence_and_verification_ima
     assert card["base"]["sha256"] == checkpoint.load_checkpoint(base).sha256
     assert card["base"]["provenance"].startswith("example/repo") and card["base"]["license_file"] == "resnet8.LICENSE"
     assert (zoo_dir / "resnet8.LICENSE").read_text() == lic.read_text()
+    md = (zoo_dir / "resnet8.md").read_text()
+    assert f"{card['macs_cut_pct']} % cut" in md and "example/repo" in md and "resnet8.LICENSE" in md
     shipped = checkpoint.load_checkpoint(zoo_dir / "resnet8.pt")
     assert shipped.pruning is not None and shipped.train_state is None
     with np.load(zoo_dir / "resnet8.verify.npz") as z:

@@ -106,7 +106,8 @@ def add(args) -> dict:
     dest = args.zoo_dir / f"{src.model_name}.pt"
     if dest.exists() and not args.force:
         raise UserError(f"a {src.model_name} is already shipped ({dest}); pass --force to replace it")
-    for path in (dest, dest.with_suffix(".json")):  # --force replaces a shipped file, never a folder
+    for path in (dest, dest.with_suffix(".json"), dest.with_suffix(".md"), dest.with_suffix(".LICENSE"),
+                 dest.with_name(dest.stem + zoo.VERIFY_SUFFIX)):  # --force replaces a shipped file, never a folder
         fileio.check_output(path, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(args.add, args.data),
                             what="shipped checkpoint")
     args.zoo_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +140,38 @@ def add(args) -> dict:
             shutil.copyfile(args.license, tmp)
         card.setdefault("base", {})["license_file"] = lic.name
     write_json(dest.with_suffix(".json"), card)
+    fileio.write_text(dest.with_suffix(".md"), model_card_markdown(card))
     print(console.table([card], CARD_COLUMNS, title="shipped"))
     return {"added": card, "shipped": zoo.shipped(args.zoo_dir)}
+
+
+def model_card_markdown(card: dict) -> str:
+    """``<model>.md``: the card for people (the JSON beside it holds the same facts for programs)."""
+    lines = [f"# {card['model']} ({card['kind']}) - model card", "",
+             "| fact | value |", "| --- | --- |"]
+    rows = [("top-1, CIFAR-10 test set", f"{card['top1']} % on {card['n_test']} images "
+                                          f"(stored {card['storage']}; fp32 {card.get('top1_fp32')} %)"),
+            ("input normalization", card["normalize"])]
+    if card["kind"] == "pruned":
+        rows += [("MACs per image dense -> compiled", f"{card['macs_dense']:,} -> {card['macs_compiled']:,} "
+                                                      f"({card['macs_cut_pct']} % cut)"),
+                 ("parameters dense -> compiled", f"{card['params_dense']:,} -> {card['params_compiled']:,}"),
+                 ("pruning", ", ".join(f"{k} {v}" for k, v in card["pruning"].items())),
+                 ("top-1 before / one-shot", f"{card.get('top1_before')} / {card.get('top1_oneshot')}")]
+    rows += [("made by", f"`{card.get('command')}`"),
+             ("epochs, wall time", f"{card.get('epochs')}, {card.get('train_hours')} h on {card.get('trained_on')}"),
+             ("file", f"{card['bytes']:,} bytes, sha256 {card['sha256']}")]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    base = card.get("base")
+    if base:
+        lines += ["", "## Base weights", "",
+                  f"Derived from `{base.get('file')}` (sha256 {base.get('sha256')}, top-1 {base.get('top1')} %)."]
+        if base.get("provenance"):
+            lines += ["", base["provenance"]]
+        if base.get("license_file"):
+            lines += ["", f"Its licence, whose copyright notice, conditions and disclaimer travel with this derived "
+                          f"model, is in `{base['license_file']}` beside this card."]
+    return "\n".join(lines) + "\n"
 
 
 def run(args) -> dict:
