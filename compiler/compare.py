@@ -366,9 +366,11 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import torch
 
+    from compiler import threads
+
     cpu = console.cpu_name()
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "tvm_num_threads_env": os.environ.get("TVM_NUM_THREADS"), "platform": platform.platform()}
+            "tvm_num_threads_env": threads.user_tvm_threads(), "platform": platform.platform()}
     if hasattr(os, "getloadavg"):
         info["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     return info

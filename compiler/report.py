@@ -341,8 +341,9 @@ def write_markdown(result: dict, shown: list[dict], path: Path) -> None:
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['platform']}; load average (1/5/15 min) "
         f"{m.get('load_average_1_5_15')} at the start, {result['machine_at_end'].get('load_average_1_5_15')} at "
-        f"the end; TVM threads: " + (f"TVM_NUM_THREADS={m['tvm_num_threads_env']}" if m.get("tvm_num_threads_env")
-                                     else "TVM's default") + ". "
+        f"the end; TVM threads: " + (f"TVM_NUM_THREADS={m['tvm_num_threads_env']} (set by the user)"
+                                     if m.get("tvm_num_threads_env") else
+                                     "each artifact's recorded fastest count (manifest runtime.threads)") + ". "
         f"TVM {result['versions']['tvm']}, torch {result['versions']['torch']}, target `{result['target']}`.",
         "",
         markdown_table(shown),
