@@ -394,6 +394,22 @@ def _agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
             "argmax_agree": round(100.0 * float((logits[:n].argmax(1) == ref[:n].argmax(1)).mean()), 1)}
 
 
+def best_rows(rows: list[dict], kind: str) -> dict:
+    """The fastest TVM row and the fastest other CPU engine's row on the ``kind`` model, and their ratios."""
+    def fastest(engines):
+        got = [r for r in rows if r["available"] and r["engine"] in engines and r["model"] == kind]
+        return min(got, key=lambda r: r["median_ms"]) if got else None
+
+    base = next((r for r in rows if (r["engine"], r["model"], r["precision"]) == BASELINE and r["available"]), None)
+    tvm, peer = fastest(("tvm",)), fastest(("pytorch", "onnxruntime"))
+    if not (tvm and peer and base):
+        return {}
+    keep = ("engine", "precision", "median_ms", "threads")
+    return {"tvm": {k: tvm.get(k) for k in keep}, "peer": {k: peer.get(k) for k in keep},
+            "tvm_vs_pytorch_dense": round(base["median_ms"] / tvm["median_ms"], 2),
+            "tvm_vs_best_peer": round(peer["median_ms"] / tvm["median_ms"], 2)}
+
+
 def _check_args(args) -> None:
     if args.repeat <= 0 or args.number <= 0 or args.warmup < 0:
         raise UserError("--repeat and --number must be positive, --warmup 0 or more")
@@ -621,6 +637,13 @@ def run(args) -> dict:
                         title=f"{name}, batch {batch}: speed-up relative to PyTorch eager dense fp32 "
                               f"({base['median_ms']:.3g} ms); max |diff| and argmax agreement (%) against "
                               f"PyTorch fp32 of the same model on {CHECK_IMAGES} test images"))
+    info["best"] = best_rows(rows, int8_of)
+    if info["best"].get("tvm_vs_best_peer"):
+        b = info["best"]
+        print(f"best TVM {int8_of} row: {b['tvm']['median_ms']} ms ({b['tvm']['precision']}, {b['tvm']['threads']} "
+              f"threads) = {b['tvm_vs_pytorch_dense']}x PyTorch eager dense fp32, {b['tvm_vs_best_peer']}x the best "
+              f"other engine on the {int8_of} model ({b['peer']['engine']} {b['peer']['precision']}, "
+              f"{b['peer']['median_ms']} ms, {b['peer']['threads']} threads)")
     info["machine_at_end"] = machine()
     return {
         "model": name,

@@ -81,6 +81,12 @@ def test_compare_rows_side_by_side(small, tmp_path):
             assert r["reason"] and r["median_ms"] is None
     base = next(r for r in rows if (r["engine"], r["model"], r["precision"]) == ("pytorch", "dense", "fp32"))
     assert base["speedup"] == 1.0
+    best = out["best"]  # the fastest TVM pruned row against the fastest PyTorch / ONNX Runtime pruned row
+    tvm_rows = [r["median_ms"] for r in rows if r["engine"] == "tvm" and r["model"] == "pruned" and r["available"]]
+    peers = [r["median_ms"] for r in rows if r["engine"] in ("pytorch", "onnxruntime") and r["model"] == "pruned"
+             and r["available"]]
+    assert best["tvm"]["median_ms"] == min(tvm_rows) and best["peer"]["median_ms"] == min(peers)
+    assert best["tvm_vs_best_peer"] == round(min(peers) / min(tvm_rows), 2)
     trt = [r for r in rows if r["engine"] == "tensorrt"]
     assert trt
     if not torch.cuda.is_available():
