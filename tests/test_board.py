@@ -1,0 +1,133 @@
+"""The emulated aarch64 board (targets/emulate.py): a Debian arm64 userland with TVM 0.27's aarch64 runtime wheel,
+run through qemu-user. No mocks: artifacts built here run inside it, TVM's RPC server runs inside it.
+
+The board is set up once into the user's cache (~130 MB the first time, seconds afterwards). These tests skip,
+with the reason, only where it cannot be set up: no qemu-aarch64 (Debian package qemu-user), no apt-get, or the
+package registries out of reach.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.checkpoint import save_checkpoint
+from compiler.models import build_model
+from helpers import randomize_bn, run_cli
+
+
+@pytest.fixture(scope="session")
+def board():
+    from compiler.errors import UserError
+    from targets import emulate
+
+    problem = emulate.missing_host_tools()
+    if problem:
+        pytest.skip(f"no emulated board here: {problem}")
+    try:
+        return emulate.setup()
+    except UserError as e:
+        pytest.skip(f"the emulated board cannot be set up here: {e}")
+
+
+@pytest.fixture(scope="module")
+def resnet8(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("resnet8").eval()
+    randomize_bn(model)
+    path = tmp_path_factory.mktemp("ck") / "r8.pt"
+    save_checkpoint(path, "resnet8", model, "cifar")
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A CIFAR-10-shaped folder with a few random test images (the comparison is against PyTorch, not labels)."""
+    folder = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 12)):
+        np.savez(folder / f"cifar10_{split}.npz", x=rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, size=(n,), dtype=np.int64))
+    return folder
+
+
+def _build(capsys, resnet8, images, tmp_path_factory, target: str, precision: str = "fp32") -> Path:
+    out = tmp_path_factory.mktemp("art") / target
+    rc, _, err = run_cli(capsys, "build", "--target", target, "--checkpoint", resnet8[1], "--precision", precision,
+                         "--data", images, "--out", out)
+    assert rc == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def aarch64_artifact(resnet8, images, tmp_path_factory):
+    from compiler.cli import main
+
+    out = tmp_path_factory.mktemp("art") / "aarch64-cpu"
+    assert main(["build", "--target", "aarch64-cpu", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
+                 "--data", str(images), "--out", str(out)]) == 0
+    return out
+
+
+def test_setup_is_cached_and_reported(board, capsys):
+    from targets import emulate
+
+    assert board["machine"] == "aarch64" and board["tvm"].startswith("0.27") and board["python"].startswith("3.11")
+    t0 = time.perf_counter()
+    assert emulate.setup() == board  # cached: no download, no guest start
+    assert time.perf_counter() - t0 < 2
+    assert not (emulate.site_packages() / "tvm" / "lib" / "libtvm_compiler.so").exists()  # runtime only
+    rc, out, err = run_cli(capsys, "board", "--emulate", "status", "--json")
+    assert rc == 0, err
+    status = json.loads(out.strip().splitlines()[-1])
+    assert status["ready"] and status["board"] == str(emulate.board_dir())
+    assert "say nothing about a real board" in out
+    rc, _, err = run_cli(capsys, "board", "status")
+    assert rc == 2 and err.strip().startswith("error:") and "--emulate" in err
+
+
+def test_aarch64_artifact_runs_in_the_board_and_matches_pytorch(board, aarch64_artifact, images, capsys):
+    rc, out, err = run_cli(capsys, "eval", "--artifact", aarch64_artifact, "--emulate", "--data", images, "--json")
+    assert rc == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["n"] == 12 and r["target"] == "aarch64-cpu"
+    assert "emulated aarch64" in r["ran_on"] and "0.27" in r["ran_on"]
+    assert r["max_abs_diff"] is not None and r["max_abs_diff"] <= r["tolerance"], r
+    assert r["within_tolerance"] and r["argmax_agreement"] == 1.0 and r["top1"] == r["pytorch_top1"]
+    assert "say nothing about a real board" in out
+
+
+def test_emulate_refuses_what_is_not_an_aarch64_artifact(board, aarch64_artifact, images, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "eval", "--emulate", "--data", images)
+    assert rc == 2 and "--artifact" in err
+    # the same folder with a manifest that says x86: refused before anything runs
+    fake = tmp_path / "host-like"
+    fake.mkdir()
+    manifest = json.loads((aarch64_artifact / "manifest.json").read_text())
+    manifest["target"].update(name="host", tvm={"kind": "llvm", "mcpu": "znver4"}, cross_compiled=False)
+    (fake / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run_cli(capsys, "eval", "--artifact", fake, "--emulate", "--data", images)
+    assert rc == 2 and "not for an aarch64 board" in err and "Traceback" not in err
+    # a model.so that does not match its manifest
+    (fake / "manifest.json").write_text((aarch64_artifact / "manifest.json").read_text())
+    (fake / "model.so").write_bytes(b"not a library")
+    rc, _, err = run_cli(capsys, "eval", "--artifact", fake, "--emulate", "--data", images)
+    assert rc == 2 and "sha256" in err
+
+
+def test_jetson_tx2_artifact_loads_and_stops_at_the_missing_cuda_device(board, resnet8, images, tmp_path_factory,
+                                                                        capsys):
+    """The board artifact's aarch64 host code loads in the board's runtime (every symbol resolved against
+    glibc/libstdc++ and the TVM runtime); what stops it is the GPU, said in one error line."""
+    out = _build(capsys, resnet8, images, tmp_path_factory, "jetson-tx2", "fp32")
+    rc, _, err = run_cli(capsys, "eval", "--artifact", out, "--emulate", "--data", images)
+    assert rc == 2, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert "no CUDA device" in errors[0] and "loaded" in errors[0], errors[0]
+    assert "Traceback" not in err and "undefined symbol" not in err
