@@ -492,8 +492,10 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         builder = make_builder(spec, max_workers=_local_cores())
         runner = make_runner(tracker, key, servers, timeout)
         completed = False
+        watchdog = (_server_watchdog(progress, runner, tracker, key, grace=2 * max(timeout, 5.0))
+                    if tracker is not None else contextlib.nullcontext())
         try:
-            with _stop_on_interrupt(progress):
+            with _stop_on_interrupt(progress), watchdog:
                 tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(directory),
                     max_trials_global=trials, num_trials_per_iter=per_iter,
@@ -580,6 +582,49 @@ def _servers_alive(tracker: str, key: str) -> bool:
         return servers_for_key(tracker_summary(*parse_tracker(tracker)), key) > 0
     except UserError:
         return False  # the tracker itself is gone
+
+
+@contextlib.contextmanager
+def _server_watchdog(progress: _Progress, runner, tracker: str, key: str, grace: float):
+    """Stop tuning when no server is registered under ``key`` for ``grace`` seconds.
+
+    MetaSchedule's RPCRunner asks the tracker for a session without a time limit: with every server gone (killed,
+    or TVM's Python server that stopped serving after a session worker died) a tune would wait for ever. A server
+    that comes back within ``grace`` (a supervisor restarting it) is simply used again. Otherwise the runner's
+    waiting workers are stopped, the measurement in flight fails, and the measure callback ends the tuning with
+    its records in the database."""
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        lost_since = None
+        while not done.wait(3.0):
+            if _servers_alive(tracker, key):
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= grace:
+                progress.server_lost = f"no server was registered under the key for {grace:.0f} s"
+                # kill the waiting worker processes; PopenWorker.kill() would close the pipe another thread is
+                # reading from and block on its lock: the reader gets EOF instead and the measurement fails
+                from tvm.support.popen_pool import kill_child_processes
+
+                pool = getattr(runner, "pool", None)
+                for worker in list(getattr(pool, "_worker_map", {}).values()):
+                    proc = getattr(worker, "_proc", None)
+                    if proc is not None:
+                        with contextlib.suppress(Exception):
+                            kill_child_processes(proc.pid)
+                            proc.kill()
+                return
+
+    thread = threading.Thread(target=watch, name="rpc-server-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _emulated_server(tracker: str, key: str) -> dict | None:

@@ -131,3 +131,128 @@ def test_jetson_tx2_artifact_loads_and_stops_at_the_missing_cuda_device(board, r
     assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
     assert "no CUDA device" in errors[0] and "loaded" in errors[0], errors[0]
     assert "Traceback" not in err and "undefined symbol" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuning through TVM's RPC server running inside the emulated board
+
+KEY = "emulated-board-test"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulated_farm(board, tmp_path_factory):
+    """A TVM RPC tracker on 127.0.0.1 (host Python) and the emulated board's RPC server registered under KEY."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from compiler.errors import UserError
+    from compiler.tune import tracker_summary
+    from targets.board_rpc import EmulatedServer
+
+    port = _free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                                str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    logs = tmp_path_factory.mktemp("rpc")
+    servers = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                tracker_summary("127.0.0.1", port, timeout=2)
+                break
+            except UserError:
+                if time.monotonic() > deadline or tracker.poll() is not None:
+                    pytest.fail("rpc_tracker did not come up")
+                time.sleep(0.5)
+        address = f"127.0.0.1:{port}"
+
+        def start(wait: bool = True) -> EmulatedServer:
+            server = EmulatedServer(address, KEY, port=_free_port(), log_path=logs / f"server{len(servers)}.log")
+            servers.append(server)
+            server.start()
+            if wait:
+                server.wait_registered()
+            return server
+
+        start()
+        yield address, start, servers
+    finally:
+        for s in servers:
+            s.stop()
+        if tracker.poll() is None:
+            os.killpg(tracker.pid, signal.SIGTERM)
+            tracker.wait(timeout=10)
+
+
+def _records(directory: Path) -> int:
+    from compiler import tuning
+
+    path = directory / tuning.RECORD_FILE
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
+        emulated_farm, resnet8, images, tmp_path, capsys):
+    """tune --target aarch64-cpu --tracker --key: candidates cross-compiled here, uploaded to and run in the
+    emulated board. The server is killed mid-tuning: the records are kept, tune stops with one clear error line,
+    and the same command resumes once a server is back; build --tuning-log applies the database."""
+    import subprocess
+    import sys
+
+    from compiler import tuning
+    from targets.board_rpc import emulated_server
+
+    address, start, servers = emulated_farm
+    assert emulated_server(address, KEY)["note"].startswith("emulated aarch64 board")
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "compiler", "tune", "--target", "aarch64-cpu", "--checkpoint", str(resnet8[1]),
+           "--precision", "fp32", "--trials", "16", "--trials-per-iter", "1", "--population", "8", "--seed", "0",
+           "--tracker", address, "--key", KEY, "--log-dir", str(db), "--timeout", "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 300
+    # MetaSchedule's first round measures every task (ResNet8: 12) before it joins them; the kill comes after it
+    while _records(db) < 12 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    servers[-1].kill()  # the server and its session worker, without warning (and no supervisor restarts it)
+    try:
+        out, err = proc.communicate(timeout=240)  # tune notices within 2 x --timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the RPC server under key") and "stopped serving" in last, err
+    kept = _records(db)
+    assert kept >= 12 and f"keeps all {kept} records" in last and "run the same command again" in last
+    meta = json.loads((db / tuning.META_FILE).read_text())
+    assert meta["trials"] == kept and not meta["sessions"][-1]["completed"]
+    assert "say nothing about a real board" in meta["timing_note"]
+
+    start()  # a server is back: the same command continues the same database
+    done = subprocess.run(cmd[:cmd.index("--trials") + 1] + ["1"] + cmd[cmd.index("--trials") + 2:] + ["--json"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["trials"] == 1 and result["trials_total"] == kept + 1
+    assert "[emulated board]" in json.loads((db / tuning.META_FILE).read_text())["sessions"][-1]["runner"]
+    assert "say nothing about a real board" in done.stdout + done.stderr
+
+    out_dir = tmp_path / "tuned"
+    rc, _, err = run_cli(capsys, "build", "--target", "aarch64-cpu", "--checkpoint", resnet8[1], "--precision",
+                         "fp32", "--data", images, "--out", out_dir, "--tuning-log", db)
+    assert rc == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["tuning"]["database"] == str(db) and manifest["tuning"]["tasks_applied"] > 0
