@@ -156,6 +156,11 @@ def serve_foreground(tracker: str | None, key: str | None, port: int) -> dict:
     from compiler.tune import parse_tracker, tracker_summary
 
     tracker_summary(*parse_tracker(tracker))  # a clear error now when no tracker answers there
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops the server (and its workers) as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     restarts = 0
     server = EmulatedServer(tracker, key, port)
     try:
@@ -180,4 +185,5 @@ def serve_foreground(tracker: str | None, key: str | None, port: int) -> dict:
         pass
     finally:
         server.stop()
+        signal.signal(signal.SIGTERM, previous)
     return {"tracker": tracker, "key": key, "restarts": restarts}

@@ -374,3 +374,48 @@ def evaluate(args) -> dict:
         console.warn(f"max |diff| {result['max_abs_diff']:.3g} exceeds the {manifest['precision']} tolerance "
                      f"{result['tolerance']:.3g}")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Python-free runner (targets/board/board_runner.cc), built for aarch64 with zig against the board's runtime
+
+RUNNER_SOURCE = Path(__file__).resolve().parent / "board" / "board_runner.cc"
+
+
+def build_runner(out: str | Path | None = None) -> Path:
+    """Cross-compile board_runner.cc for aarch64 glibc 2.27 with zig against the aarch64 wheels' libtvm_ffi.so and
+    libtvm_runtime.so (of the emulated board's folder); cached there by source hash unless ``out`` is given.
+    The first build compiles zig's libc++ for aarch64 (minutes); later ones take seconds."""
+    import hashlib
+
+    from targets import AARCH64_TRIPLE, BOARD_GLIBC
+    from targets.export import zig_command
+
+    ensure()
+    source = RUNNER_SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:12]
+    target = Path(out) if out else board_dir() / "bin" / f"board_runner-{digest}"
+    if target.is_file() and out is None:
+        return target
+    site = site_packages()
+    cc = [*zig_command()[:-1], "c++"]  # python -m ziglang c++
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    cmd = [*cc, "-target", f"{AARCH64_TRIPLE}.{BOARD_GLIBC}", "-O2", "-std=c++17", "-s",
+           "-I", str(site / "tvm_ffi" / "include"), str(RUNNER_SOURCE), "-L", str(site / "tvm_ffi" / "lib"),
+           "-L", str(site / "tvm" / "lib"), "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", "-o", str(tmp)]
+    _say("building board_runner (C++, no Python) for aarch64 with zig (the first build compiles libc++: minutes)")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"zig could not build board_runner for aarch64: {(proc.stderr or proc.stdout)[-800:]}")
+    os.replace(tmp, target)
+    return target
+
+
+def run_runner(runner: str | Path, args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run the aarch64 ``board_runner`` in the emulated board (qemu-user, the board's libraries, no Python)."""
+    record = ensure()
+    site = site_packages()
+    libs = f"{site / 'tvm' / 'lib'}:{site / 'tvm_ffi' / 'lib'}"
+    return subprocess.run([record["qemu"], "-L", str(sysroot()), "-E", f"LD_LIBRARY_PATH={libs}", str(runner),
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout, env=host_env())

@@ -256,3 +256,27 @@ def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
     assert rc == 0, err
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["tuning"]["database"] == str(db) and manifest["tuning"]["tasks_applied"] > 0
+
+
+def test_cpp_runner_without_python_agrees_with_pytorch(board, aarch64_artifact, resnet8, tmp_path):
+    """board_runner.cc, cross-built for aarch64 with zig against the board's TVM runtime, loads model.so and
+    runs it in the emulated board with no Python at all."""
+    from targets import emulate
+
+    runner = emulate.build_runner()
+    assert runner.read_bytes()[:4] == b"\x7fELF" and int.from_bytes(runner.read_bytes()[18:20], "little") == 183
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = emulate.run_runner(runner, [aarch64_artifact / "model.so", tmp_path / "x.npy", "--logits",
+                                       tmp_path / "y.npy"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with torch.inference_mode():
+        ref = resnet8[0](torch.from_numpy(x)).numpy()
+    got = np.load(tmp_path / "y.npy")
+    assert got.shape == (3, 10) and np.abs(got - ref).max() < 1e-4
+    lines = proc.stdout.strip().splitlines()
+    assert [int(ln.split()[2]) for ln in lines] == ref.argmax(1).tolist()
+    # a file that is not a model: one error line, no crash
+    (tmp_path / "bad.so").write_bytes(b"not a library")
+    bad = emulate.run_runner(runner, [tmp_path / "bad.so", tmp_path / "x.npy"], timeout=120)
+    assert bad.returncode == 3 and bad.stderr.strip().startswith("error: loading"), bad.stderr
