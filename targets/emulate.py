@@ -245,10 +245,10 @@ def setup(force: bool = False) -> dict:
                   "disk_bytes": _size(new), "setup_seconds": round(time.perf_counter() - t0, 1),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": TIMING_NOTE}
         (new / "board.json").write_text(json.dumps(record, indent=1) + "\n")
-        old = None
+        if not force and info(folder):  # another process finished the same set-up meanwhile: use that one
+            return info(folder)
         if folder.exists():  # --force: the previous board is moved aside and removed once the new one is in place
-            old = work / "previous"
-            os.replace(folder, old)
+            os.replace(folder, work / "previous")
         os.replace(new, folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -367,7 +367,7 @@ def evaluate(args) -> dict:
         result["pytorch_note"] = "the manifest names no checkpoint found here: no PyTorch comparison"
     cols = ["model", "target", "precision", "top1", "pytorch_top1", "max_abs_diff", "tolerance", "n", "seconds"]
     print(console.table([result], cols))
-    print(f"ran on: {result['ran_on']}; {TIMING_NOTE}")
+    print(f"ran on: {result['ran_on']} (its seconds say nothing about a real board's speed)")
     if result.get("pytorch_note"):
         print(f"note: {result['pytorch_note']}")
     elif result["within_tolerance"] is False:
