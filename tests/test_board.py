@@ -125,6 +125,8 @@ def test_jetson_tx2_artifact_loads_and_stops_at_the_missing_cuda_device(board, r
     """The board artifact's aarch64 host code loads in the board's runtime (every symbol resolved against
     glibc/libstdc++ and the TVM runtime); what stops it is the GPU, said in one error line."""
     out = _build(capsys, resnet8, images, tmp_path_factory, "jetson-tx2", "fp32")
+    for name in ("RUNTIME.md", "run_model.py", "board_runner.cc"):  # the board side ships with the artifact
+        assert (out / "deploy" / name).is_file(), name
     rc, _, err = run_cli(capsys, "eval", "--artifact", out, "--emulate", "--data", images)
     assert rc == 2, err
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
