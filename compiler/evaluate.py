@@ -14,6 +14,9 @@ def configure(p) -> None:
     cli.add_model_args(p)
     cli.add_data_args(p)
     p.add_argument("--artifact", metavar="DIR", help="evaluate a compiled artifact folder instead of a checkpoint")
+    p.add_argument("--emulate", action="store_true",
+                   help="with --artifact: run an aarch64 board artifact in the emulated board (qemu-user; set up on "
+                        "first use, see `board --emulate setup`) and compare it with PyTorch")
     p.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K test images")
     p.add_argument("--batch-size", type=int, default=500)
     cli.add_json_arg(p)
@@ -37,6 +40,12 @@ def run(args) -> dict:
         raise UserError("--limit must be a positive number of images")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    if args.emulate:
+        if not args.artifact:
+            raise UserError("--emulate runs a compiled board artifact: give it with --artifact DIR")
+        from targets import emulate
+
+        return emulate.evaluate(args)
     if args.artifact:
         from compiler import artifact
 

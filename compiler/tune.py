@@ -250,6 +250,8 @@ class _Progress:
         self._last_save = 0.0
         self._last_line = time.monotonic()
         self.stop_requested = False
+        self.servers_alive = None  # RPC: a callable, False when no server is registered under the key any more
+        self.server_lost = None  # then: what happened, in words
 
     def measured(self, task_id: int, builder_results, runner_results) -> None:
         for b, r in zip(builder_results, runner_results):
@@ -262,6 +264,12 @@ class _Progress:
             else:
                 self.errors[task_id] += 1
         self.bar.update(len(runner_results))
+        failed = [r.error_msg for b, r in zip(builder_results, runner_results)
+                  if b.error_msg is None and r.error_msg is not None]
+        if failed and len(failed) == len(runner_results) and self.servers_alive and not self.servers_alive():
+            # every run of the batch failed and the key's servers left the tracker: stop, rather than wait for
+            # the runner's timeout once per candidate
+            self.server_lost = f"{len(failed)} measurement(s) failed ({failed[-1].strip().splitlines()[0][:120]})"
         best = self.best[task_id]
         status = (f"task {task_id + 1}/{len(self.names)} {self.names[task_id]}: "
                   + (f"best {best * 1e3:.4g} ms" if best is not None else "no valid run yet"))
@@ -319,7 +327,7 @@ def _progress_callback(progress: _Progress):
                 progress.measured(int(task_id), builder_results, runner_results)
             except Exception:  # noqa: BLE001 - progress must never stop tuning
                 pass
-            if progress.stop_requested:
+            if progress.stop_requested or progress.server_lost:
                 raise _Stop("interrupted")  # unwinds TaskScheduler.tune; this batch is already in the database
 
     return ProgressCallback()
@@ -447,6 +455,10 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         raise UserError(f"{spec.name} code cannot run on this machine: measure it on the board through a TVM RPC "
                         "tracker with --tracker HOST:PORT --key KEY (see tuning_logs/README.md)")
     servers = check_tracker(tracker, key) if tracker is not None else 0
+    emulated = _emulated_server(tracker, key) if tracker is not None else None
+    if emulated:
+        console.warn(f"the RPC server under key '{key}' is on an {emulated['note']}; this run checks the remote "
+                     "path, not the board's kernels")
 
     variant = tuning.variant_of(mod, prec)
     directory = Path(directory) if directory is not None else tuning.log_dir(spec.name, model_name, variant, root)
@@ -474,9 +486,12 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
             meta = tuning.new_meta(spec, target, model_name, variant, prec, batch, tuning.shape_signature(mod),
                                    [{"name": t.task_name, "weight": int(t.weight)} for t in extracted])
         session = {"started": tuning._now(), "trials": 0, "seconds": 0.0,
-                   "runner": f"rpc {tracker} key {key} ({servers} server(s))" if tracker else "local",
+                   "runner": (f"rpc {tracker} key {key} ({servers} server(s))" + (" [emulated board]" if emulated
+                                                                                  else "")) if tracker else "local",
                    "target": tuning._target_dict(target), "completed": False}
         meta["sessions"] = [*meta.get("sessions", []), session]
+        if emulated:
+            session["timing_note"] = meta["timing_note"] = emulated["note"]
         base_seconds = float(meta.get("seconds", 0.0))
         database = tuning.open_database(directory, create=True, writer=True)
 
@@ -492,13 +507,17 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
             tuning.write_meta(directory, meta)
 
         progress = _Progress(names, trials, save, show_progress)
+        if tracker is not None:
+            progress.servers_alive = functools.partial(_servers_alive, tracker, key)
         save()
         per_iter = trials_per_iter or max(1, min(MAX_TRIALS_PER_ITER, trials // max(1, len(contexts))))
         builder = make_builder(spec, max_workers=_local_cores())
         runner = make_runner(tracker, key, servers, timeout)
         completed = False
+        watchdog = (_server_watchdog(progress, runner, tracker, key, grace=2 * max(timeout, 5.0))
+                    if tracker is not None else contextlib.nullcontext())
         try:
-            with _stop_on_interrupt(progress):
+            with _stop_on_interrupt(progress), watchdog:
                 tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(directory),
                     max_trials_global=trials, num_trials_per_iter=per_iter,
@@ -509,6 +528,14 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
                 )
             completed = True
         except BaseException:
+            if progress.server_lost:
+                counts = tuning.summarize(directory)
+                progress.close()
+                raise UserError(
+                    f"the RPC server under key '{key}' at {tracker} stopped serving during tuning "
+                    f"({progress.server_lost}); after {sum(progress.trials)} trials of this session {directory} "
+                    f"keeps all {counts['records']} records: restart the server and run the same command again "
+                    "to continue") from None
             if progress.stop_requested:
                 counts = tuning.summarize(directory)
                 progress.close()
@@ -542,6 +569,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         "seconds": round(time.perf_counter() - t0, 1),
         "seconds_total": meta["seconds"],
         "runner": session["runner"],
+        "timing_note": session.get("timing_note"),
     }
 
 
@@ -569,6 +597,66 @@ def _database_best(database, mod) -> float | None:
     except Exception:  # noqa: BLE001 - a summary row is not worth failing the run
         return None
     return sum(secs) / len(secs) if secs else None
+
+
+def _servers_alive(tracker: str, key: str) -> bool:
+    try:
+        return servers_for_key(tracker_summary(*parse_tracker(tracker)), key) > 0
+    except UserError:
+        return False  # the tracker itself is gone
+
+
+@contextlib.contextmanager
+def _server_watchdog(progress: _Progress, runner, tracker: str, key: str, grace: float):
+    """Stop tuning when no server is registered under ``key`` for ``grace`` seconds.
+
+    MetaSchedule's RPCRunner asks the tracker for a session without a time limit: with every server gone (killed,
+    or TVM's Python server that stopped serving after a session worker died) a tune would wait for ever. A server
+    that comes back within ``grace`` (a supervisor restarting it) is simply used again. Otherwise the runner's
+    waiting workers are stopped, the measurement in flight fails, and the measure callback ends the tuning with
+    its records in the database."""
+    import threading
+
+    done = threading.Event()
+
+    def watch():
+        lost_since = None
+        while not done.wait(3.0):
+            if _servers_alive(tracker, key):
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= grace:
+                progress.server_lost = f"no server was registered under the key for {grace:.0f} s"
+                # kill the waiting worker processes; PopenWorker.kill() would close the pipe another thread is
+                # reading from and block on its lock: the reader gets EOF instead and the measurement fails
+                from tvm.support.popen_pool import kill_child_processes
+
+                pool = getattr(runner, "pool", None)
+                for worker in list(getattr(pool, "_worker_map", {}).values()):
+                    proc = getattr(worker, "_proc", None)
+                    if proc is not None:
+                        with contextlib.suppress(Exception):
+                            kill_child_processes(proc.pid)
+                            proc.kill()
+                return
+
+    thread = threading.Thread(target=watch, name="rpc-server-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _emulated_server(tracker: str, key: str) -> dict | None:
+    """The record of the emulated board's RPC server behind ``tracker``/``key`` (targets.board_rpc), if it is one."""
+    try:
+        from targets.board_rpc import emulated_server
+
+        return emulated_server(tracker, key)
+    except Exception:  # noqa: BLE001 - no emulated board: a real one
+        return None
 
 
 def _local_cores() -> int:
@@ -635,6 +723,9 @@ def run(args) -> dict:
     out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
                                   "trials_total", "tasks_in_db")}
     out["tasks"] = len(result["tasks"])
+    if result.get("timing_note"):
+        out["timing_note"] = result["timing_note"]
+        print(f"note: measured on an {result['timing_note']}")
     out["task_rows"] = result["tasks"]
     if note:
         out["note"] = note

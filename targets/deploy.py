@@ -162,6 +162,13 @@ vm = VirtualMachine(lib, dev)
 logits = vm["main"](tvm.runtime.tensor(np.zeros((1, 3, 32, 32), "float32"), dev)).numpy()
 ```
 
+## Without Python, or checked before the board
+
+`RUNTIME.md` says which parts of the board runtime were run in an emulated aarch64 board (`python -m compiler
+board --emulate setup`; no GPU there) and which still need a real board. `run_model.py` runs `{library}` over an
+`.npy` of normalized images (what `eval --artifact DIR --emulate` uses); `board_runner.cc` does the same with no
+Python (TVM-FFI's C ABI; built for aarch64 by `targets.emulate.build_runner`, CPU models: device cpu:0).
+
 ## 4. When the driver refuses the cubin
 
 The cubin comes from CUDA 11.8; a CUDA 10.2 driver (JetPack 4.6) may reject it on first use

@@ -256,9 +256,11 @@ def _write_deploy(executable, path: Path, spec: TargetSpec, workdir: Path, packe
             names.append(source_so.name)
         (staging / "load_on_board.py").write_text(deploy_text.load_on_board(spec, path.name))
         names.append("load_on_board.py")
-        for name in ("build_tvm_runtime.sh", "tvm-0.27-cuda10.patch"):
+        for name in ("build_tvm_runtime.sh", "tvm-0.27-cuda10.patch", "run_model.py", "board_runner.cc"):
             shutil.copy2(BOARD_DIR / name, staging / name)
             names.append(name)
+        shutil.copy2(BOARD_DIR / "README.md", staging / "RUNTIME.md")  # which runtime steps are proven where
+        names.append("RUNTIME.md")
         (staging / "README.md").write_text(deploy_text.readme(spec, path.name, binaries[0] if binaries else None))
         names.insert(0, "README.md")
         if final.exists():

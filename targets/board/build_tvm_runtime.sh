@@ -4,6 +4,11 @@
 #
 #   !!! UNTESTED ON A BOARD !!!  Written from TVM's sources and NVIDIA's documentation; read it before running.
 #
+# Only the CUDA runtime must come from here: the CPU runtime, TVM's Python package and its RPC server are on PyPI
+# as aarch64 wheels (apache-tvm 0.27.0.post1, manylinux_2_27) and were run in the emulated board
+# (`python -m compiler board --emulate setup`); see README.md beside this script for that recipe and for which
+# steps are proven here. The wheel's own libtvm_runtime_cuda.so needs CUDA 13 (libcudart.so.13), not JetPack's 10.2.
+#
 # Why: TVM 0.27's CUDA runtime calls cuLaunchKernelEx (CUDA 12) and its Python package needs Python >= 3.10,
 # while JetPack 4.6 (TX2, Nano, Xavier) has CUDA 10.2 and Python 3.6. tvm-0.27-cuda10.patch (beside this
 # script) makes cuda_module.cc launch with cuLaunchKernel when built against CUDA < 12; cuTensorMapEncodeTiled
