@@ -316,9 +316,8 @@ def evaluate(args) -> dict:
     import torch
 
     from compiler import console, data
-    from compiler.artifact import read_manifest
+    from compiler.artifact import check_library, read_manifest
     from compiler.build import LIBRARY
-    from compiler.fileio import sha256_file
 
     folder = Path(args.artifact)
     manifest = read_manifest(folder)
@@ -326,12 +325,10 @@ def evaluate(args) -> dict:
         raise UserError(f"{folder} was built for {manifest['target']['name']}, not for an aarch64 board; "
                         "--emulate runs aarch64 artifacts (targets aarch64-cpu, jetson-*): drop --emulate to run "
                         "it here")
-    lib = folder / LIBRARY
-    if not lib.is_file() or sha256_file(lib) != manifest["artifact"]["sha256"]:
-        raise UserError(f"{lib} is missing or does not match the sha256 in its manifest")
+    check_library(folder / LIBRARY, manifest)  # size and sha256, as for a local load
     split = data.load_split(args.data, "test", download=args.download).head(args.limit)
     x = data.normalize(split.images, manifest["input"]["normalize"]).numpy()
-    record = ensure()
+    ensure()
     _say(f"running {len(x)} images through {manifest['target']['name']} {LIBRARY} in the emulated board "
          f"(qemu, ~10x slower than this CPU)")
     t0 = time.perf_counter()
