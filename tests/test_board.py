@@ -117,6 +117,10 @@ def test_emulate_refuses_what_is_not_an_aarch64_artifact(board, aarch64_artifact
     (fake / "manifest.json").write_text((aarch64_artifact / "manifest.json").read_text())
     (fake / "model.so").write_bytes(b"not a library")
     rc, _, err = run_cli(capsys, "eval", "--artifact", fake, "--emulate", "--data", images)
+    assert rc == 2 and "the file is damaged" in err  # its size is not the recorded one
+    size = (aarch64_artifact / "model.so").stat().st_size
+    (fake / "model.so").write_bytes(b"\0" * size)  # the recorded size, other bytes
+    rc, _, err = run_cli(capsys, "eval", "--artifact", fake, "--emulate", "--data", images)
     assert rc == 2 and "sha256" in err
 
 
