@@ -342,7 +342,7 @@ def tuning_line(m: dict, args) -> str:
         how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
         return f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{how})"
     if m["target"]["kind"] != "cpu" or m["target"]["cross_compiled"]:
-        return f"untuned ({t.get('note')}); tune on the board over RPC: see `python -m compiler tune --help`"
+        return f"{t.get('note')}; tune on the board over RPC: see `python -m compiler tune --help`"
     ck = f" --checkpoint {m['checkpoint']['path']}" if not m["checkpoint"].get("shipped") else ""
     ck += " --data DIR" if m["precision"] == "int8" else ""
     return (f"UNTUNED: {t.get('note')}. Default schedules run 20-30x slower than tuned ones ({UNTUNED_SLOWDOWN}). "
@@ -365,7 +365,7 @@ def run(args) -> dict:
     dense, comp = m["flops"]["dense"], m["flops"]["compiled"]
     rows = [
         {"": "model", "value": m["model"] + (" (untrained)" if m["checkpoint"]["note"] else
-                                             f" ({zoo.describe(m['model'])})" if m["checkpoint"]["shipped"] else
+                                             f": {zoo.describe(m['model'])}" if m["checkpoint"]["shipped"] else
                                              f" ({m['checkpoint']['path']})")},
         {"": "target", "value": f"{m['target']['name']} ({m['target']['kind']})"},
         {"": "precision", "value": f"{m['precision']} - {m['precision_reason']}"},

@@ -50,7 +50,7 @@ def default_checkpoint(model_name: str) -> Path:
 def describe(model_name: str) -> str:
     """One line on the shipped ``model_name``: what it is and its card's top-1."""
     c = card(model_name) or {}
-    what = (f"pruned ({c['macs_cut_pct']:.1f}% of the MACs cut)" if c.get("macs_cut_pct") is not None
+    what = (f"pruned, {c['macs_cut_pct']:.1f}% of the MACs cut" if c.get("macs_cut_pct") is not None
             else "trained")
     return (f"the shipped {model_name} ({what}, top-1 {c.get('top1')} on {c.get('n_test')} test images; "
             f"card compiler/zoo/{model_name}.json)")
