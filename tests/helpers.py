@@ -89,3 +89,16 @@ def cli(*args, cwd=None) -> CliResult:
     finally:
         os.chdir(here)
     return CliResult(rc, out.getvalue(), err.getvalue())
+
+
+def saved_resnet8(directory) -> tuple[torch.nn.Module, object]:
+    """A seeded ResNet8 with non-trivial BatchNorm, saved as ``directory/r8.pt``: ``(model, path)``."""
+    from compiler.checkpoint import save_checkpoint
+    from compiler.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet8").eval()
+    randomize_bn(model)
+    path = directory / "r8.pt"
+    save_checkpoint(path, "resnet8", model, "cifar")
+    return model, path

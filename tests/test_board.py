@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.checkpoint import save_checkpoint
-from compiler.models import build_model
-from helpers import randomize_bn, run_cli
+from helpers import run_cli, saved_resnet8
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +35,7 @@ def board():
 
 @pytest.fixture(scope="module")
 def resnet8(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("resnet8").eval()
-    randomize_bn(model)
-    path = tmp_path_factory.mktemp("ck") / "r8.pt"
-    save_checkpoint(path, "resnet8", model, "cifar")
-    return model, path
+    return saved_resnet8(tmp_path_factory.mktemp("ck"))
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,9 @@ import pytest
 import torch
 
 from compiler import cli, tuning
-from compiler.checkpoint import save_checkpoint
 from compiler.errors import UserError
 from compiler.models import build_model
-from helpers import randomize_bn
+from helpers import randomize_bn, saved_resnet8
 
 KEY = "tune-test"
 TRIALS = 12  # ResNet8 has 12 kernels: one trial each (trials-per-iter 1)
@@ -94,12 +93,7 @@ def rpc_farm():
 
 @pytest.fixture(scope="module")
 def resnet8(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model("resnet8").eval()
-    randomize_bn(model)
-    path = tmp_path_factory.mktemp("ck") / "r8.pt"
-    save_checkpoint(path, "resnet8", model, "cifar")
-    return model, path
+    return saved_resnet8(tmp_path_factory.mktemp("ck"))
 
 
 @pytest.fixture(scope="module")
