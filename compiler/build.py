@@ -128,9 +128,9 @@ def measure_threads(executable, batch: int) -> dict:
         threads.set_tvm(n)
         return bench.time_tvm(executable, batch, x=x, **THREAD_TIMING)
 
-    best, results = threads.fastest(time_at)
-    threads.set_tvm(best)
-    return {"threads": best, "measured_ms": {str(n): r["median_ms"] for n, r in results.items()},
+    _, used = threads.at_best(time_at)
+    threads.set_tvm(used["threads"])
+    return {"threads": used["threads"], "measured_ms": used["threads_ms"],
             "how": f"median of {THREAD_TIMING['repeat']} runs at each count at build time, this machine",
             "cpu": console.cpu_name()}
 
@@ -258,7 +258,8 @@ def build(args) -> dict:
     if not np.isfinite(ref).all():
         raise UserError("the model itself (PyTorch) outputs NaN or infinite logits on the verification inputs; "
                         "its weights are broken; artifact not written")
-    if verify.shipped is not None and zoo.is_shipped(ckpt):
+    shipped = zoo.is_shipped(ckpt)
+    if verify.shipped is not None and shipped:
         stored = verify.shipped["logits"][:len(ref)]
         if not np.allclose(ref, stored, atol=1e-3, rtol=1e-3):
             raise UserError(f"the shipped {ckpt.model_name} does not reproduce its recorded logits (max |diff| "
@@ -313,7 +314,7 @@ def build(args) -> dict:
                 **lowered.quant_report},
             "tuning": tuning.manifest_entry(tuning_info, applied),
             "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "pruning": ckpt.pruning is not None,
-                           "shipped": zoo.is_shipped(ckpt), "note": weights_note},
+                           "shipped": shipped, "note": weights_note},
             "runtime": runtime,
             "verification": {"max_abs_diff": max_abs_diff, "tolerance": tolerance, "argmax_agreement": argmax_agree,
                              "argmax_agreement_required": min_agree, "real_images": verify.real,
@@ -336,7 +337,7 @@ def build(args) -> dict:
 UNTUNED_SLOWDOWN = "ResNet56 fp32 105.9 ms untuned vs 3.34 ms tuned (32x); int8 18.9 ms vs 0.78 ms (24x)"
 
 
-def tuning_line(m: dict, args) -> str:
+def tuning_line(m: dict) -> str:
     t = m["tuning"]
     if t.get("database"):
         how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
@@ -374,7 +375,7 @@ def run(args) -> dict:
         {"": "weight bytes dense -> compiled",
          "value": f"{m['weight_bytes']['dense']:,} -> {m['weight_bytes']['compiled']:,} "
                   f"({m['weight_bytes']['dense'] / max(1, m['weight_bytes']['compiled']):.2f}x smaller)"},
-        {"": "tuning", "value": tuning_line(m, args)},
+        {"": "tuning", "value": tuning_line(m)},
         {"": "threads", "value": threads_line(m)},
         {"": "max |diff| vs PyTorch", "value": f"{m['verification']['max_abs_diff']:.3g} "
                                              f"(tol {m['verification']['tolerance']:.3g}, {m['verification']['run_on']})"},

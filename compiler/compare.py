@@ -81,14 +81,6 @@ def thread_counts(n: int | None) -> list[int]:
     return [n] if n is not None else threads.candidates()
 
 
-def at_best(time_at, counts: list[int]) -> tuple[dict, dict]:
-    """``time_at(n)`` at each count: (stats of the fastest, row fields ``threads`` and ``threads_ms``)."""
-    from compiler import threads
-
-    best, results = threads.fastest(time_at, counts)
-    return results[best], {"threads": best, "threads_ms": {str(n): r["median_ms"] for n, r in results.items()}}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # models
 
@@ -501,7 +493,7 @@ def run(args) -> dict:
                 torch.set_num_threads(n)
                 return bench.time_pytorch(model, batch, x=torch.from_numpy(x_of[kind]), **timing)
 
-            stats, used = at_best(time_torch, counts)
+            stats, used = threads.at_best(time_torch, counts)
             torch.set_num_threads(torch_default)
             agree = {}
             if model is not ck.model:
@@ -549,7 +541,7 @@ def run(args) -> dict:
                 sess = ort_session(path, n)
                 return time_ort(sess, x_of[kind], **timing)
 
-            stats, used = at_best(time_onnx, counts)
+            stats, used = threads.at_best(time_onnx, counts)
             sess = ort_session(path, used["threads"])
             logits = sess.run(None, {sess.get_inputs()[0].name: check_of[kind]})[0]
             rows.append(_row("onnxruntime", kind, prec, batch, stats, **used,
@@ -609,7 +601,7 @@ def run(args) -> dict:
                 threads.set_tvm(n)
                 return bench.time_tvm(executable, batch, x=x_of[kind], **timing)
 
-            stats, used = at_best(time_tvm, counts)
+            stats, used = threads.at_best(time_tvm, counts)
             logits = run_module(executable, check_of[kind], batch)
             rows.append(_row("tvm", kind, m["precision"], batch, stats, **used,
                              recorded_threads=(m.get("runtime") or {}).get("threads"),

@@ -84,3 +84,9 @@ def fastest(time_at, counts: list[int] | None = None) -> tuple[int, dict[int, di
     results = {n: time_at(n) for n in (counts or candidates())}
     best = min(results, key=lambda n: (results[n]["median_ms"], n))
     return best, results
+
+
+def at_best(time_at, counts: list[int] | None = None) -> tuple[dict, dict]:
+    """:func:`fastest`, shaped for a report: (stats of the fastest count, ``{"threads", "threads_ms"}``)."""
+    best, results = fastest(time_at, counts)
+    return results[best], {"threads": best, "threads_ms": {str(n): r["median_ms"] for n, r in results.items()}}
