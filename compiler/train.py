@@ -173,6 +173,16 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def add_speed_args(p) -> None:
+    """How the training steps run (not what they compute): shared by ``train`` and ``prune``'s fine-tuning."""
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on where the CPU has native bf16, e.g. AVX-512 BF16 / AMX)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default: on)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (minutes to compile, then faster steps)")
+
+
 def configure(p) -> None:
     p.add_argument("--model", required=True, help="resnet20 ... resnet110 (any 6n+2) or googlenet")
     cli.add_data_args(p)
@@ -180,15 +190,10 @@ def configure(p) -> None:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint written after every epoch; "
                    "if it is this project's unfinished checkpoint of the same model, training resumes from it")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on where the CPU has native bf16, e.g. AVX-512 BF16 / AMX)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (default: on)")
+    add_speed_args(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train (default: a CUDA GPU when torch sees one, else the CPU); "
                         "checkpoints are written as CPU tensors either way")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (minutes to compile, then faster steps)")
     cli.add_training_args(p, lr=0.1, lr_help="peak learning rate of the one-cycle schedule")
     cli.add_json_arg(p)
 

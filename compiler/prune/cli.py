@@ -57,6 +57,7 @@ def configure(p) -> None:
                    help="training batches of 64 for the taylor criterion")
     p.add_argument("--bn-batches", type=int, default=20, metavar="B",
                    help="training batches of 128 to re-estimate BN statistics after pruning (0: keep them)")
+    train_mod().add_speed_args(p)
     cli.add_training_args(p, lr=0.02, lr_help="peak learning rate of the one-cycle fine-tuning")
     cli.add_json_arg(p)
 
@@ -225,7 +226,9 @@ def run(args) -> dict:
     history: list[dict] = list(metrics.get("history") or [])
     if not done:
         cfg = train_mod().FitConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size,
-                                    weight_decay=args.weight_decay, normalize=normalize, seed=args.seed)
+                                    weight_decay=args.weight_decay, normalize=normalize, seed=args.seed,
+                                    channels_last=args.channels_last, bf16=train_mod().bf16_default(args.bf16),
+                                    compile=args.compile)
         teacher = src.model if args.distill else None
         fit_state = state if state and state.get("optimizer") is not None else None
         if args.finetune_masked:
@@ -288,7 +291,8 @@ def _provenance(args) -> dict:
     """What the model card of this checkpoint will say made it: the command, the device, torch."""
     return {"command": getattr(args, "_command", None),
             "device": train_mod().device_name("cpu"), "torch": str(torch.__version__),
-            "distill": bool(args.distill)}
+            "distill": bool(args.distill), "bf16": train_mod().bf16_default(args.bf16),
+            "compile": bool(args.compile)}
 
 
 def train_mod():
