@@ -325,3 +325,59 @@ def test_cli_end_to_end_resumes_and_records_the_zeros(tmp_path, tiny_cifar, resn
     small = pruner.shrink(ck.model, graph, recorded)
     assert pruner.count(small) == (res["flops_pruned"], res["params_pruned"])
     assert ck.train_state["finetune"] == "shrunk" and ck.train_state["epoch"] == 1
+
+
+# ---------------------------------------------------------------- least-squares reconstruction
+
+def _logit_error(small: nn.Module, dense: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ref = dense(x)
+        return ((small(x) - ref).pow(2).sum() / ref.pow(2).sum()).item()
+
+
+def test_reconstruct_brings_the_pruned_outputs_back_towards_the_dense_ones():
+    from compiler.prune import reconstruct
+
+    dense = randomized("resnet20", seed=3)
+    graph = dependency.analyze(dense)
+    model = copy.deepcopy(dense)
+    masks = pruner.prune(model, graph, random_scores(graph, 1), 0.5, 8, 0.1).masks
+    small = pruner.shrink(model, graph, masks)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randn(64, 3, 32, 32, generator=gen, dtype=torch.float64)
+    unseen = torch.randn(16, 3, 32, 32, generator=gen, dtype=torch.float64)
+    before = _logit_error(small, dense, unseen)
+    out_index = {k: v.nonzero().flatten() for k, v in masks.items()}
+    fits = reconstruct.reconstruct(small, dense, out_index, calib, positions_per_image=16, batch=32)
+    after = _logit_error(small, dense, unseen)
+    assert after < 0.5 * before, (before, after)  # measured on images the fit never saw
+    assert all(f.error_after <= f.error_before for f in fits)
+    assert sum(f.error_after < 0.9 * f.error_before for f in fits) >= len(fits) // 4
+    # the refitted model is still the pruned shape: expanding it back keeps exactly the recorded zeros
+    pruner.expand_into(model, small, graph, masks)
+    read = pruner.zeroed_masks(model, graph)
+    assert all(torch.equal(read[k] | masks[k], masks[k]) for k in masks)
+
+
+def test_reconstruct_leaves_an_unpruned_model_as_it_was():
+    from compiler.prune import reconstruct
+
+    dense = randomized("resnet20", seed=4)
+    small = copy.deepcopy(dense)
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reconstruct.reconstruct(small, dense, {}, calib, positions_per_image=8)
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), dense.state_dict().values()))
+
+
+def test_cli_reconstruct_replaces_bn_reestimation_and_is_a_resume_setting(tmp_path, tiny_cifar, resnet20_ckpt,
+                                                                          capsys):
+    out = tmp_path / "ls.pt"
+    args = ["prune", "--checkpoint", resnet20_ckpt, "--data", tiny_cifar, "--flops-reduction", "0.5",
+            "--finetune-epochs", "0", "--out", out]
+    rc, stdout, err = run_cli(capsys, *args, "--reconstruct", "16")
+    assert rc == 0, err
+    assert "least-squares refit of" in stdout
+    ck = load_checkpoint(out)
+    assert ck.pruning["reconstruct_images"] == 16 and ck.pruning["bn_batches"] == 0
+    assert_user_error(run_cli(capsys, *args, "--reconstruct", "-1"), "--reconstruct")
+    assert_user_error(run_cli(capsys, *args, "--finetune-epochs", "1", "--reconstruct", "8"), "reconstruct_images")

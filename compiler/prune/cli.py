@@ -24,7 +24,7 @@ import torch
 from compiler import checkpoint, cli, console, data, fileio
 from compiler.errors import UserError
 from compiler.evaluate import top1
-from compiler.prune import dependency, importance, pruner
+from compiler.prune import dependency, importance, pruner, reconstruct
 
 VERB = "prune"
 
@@ -57,6 +57,9 @@ def configure(p) -> None:
                    help="training batches of 64 for the taylor criterion")
     p.add_argument("--bn-batches", type=int, default=20, metavar="B",
                    help="training batches of 128 to re-estimate BN statistics after pruning (0: keep them)")
+    p.add_argument("--reconstruct", type=int, default=0, metavar="IMAGES",
+                   help="before fine-tuning, refit every conv2d by least squares to the dense model's output on "
+                        "this many training images (channel-pruning / ThiNet style; 0: off); replaces the BN re-estimation")
     train_mod().add_speed_args(p)
     cli.add_training_args(p, lr=0.02, lr_help="peak learning rate of the one-cycle fine-tuning")
     cli.add_json_arg(p)
@@ -75,8 +78,8 @@ def _check_args(args) -> None:
     for flag in ("lr", "batch_size", "taylor_batches"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    if args.bn_batches < 0 or args.weight_decay < 0:
-        raise UserError("--bn-batches and --weight-decay must be 0 or more")
+    if args.bn_batches < 0 or args.weight_decay < 0 or args.reconstruct < 0:
+        raise UserError("--bn-batches, --reconstruct and --weight-decay must be 0 or more")
     for flag in ("limit_train", "limit_test"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive number of images")
@@ -90,6 +93,7 @@ def _settings(args, src: checkpoint.Checkpoint) -> dict:
         "round_to": int(args.round_to),
         "floor": float(args.floor),
         "prune_stream": bool(args.prune_stream),
+        "reconstruct_images": int(args.reconstruct),
         "source_sha256": src.sha256,
     }
 
@@ -122,6 +126,20 @@ def _resume(out: Path, name: str, settings: dict, args) -> checkpoint.Checkpoint
         raise UserError(f"{out} is fine-tuned in {state.get('finetune')} mode; "
                         f"{'add' if state.get('finetune') == 'masked' else 'drop'} --finetune-masked to resume it")
     return prev
+
+
+def _reconstruct(model, dense, graph, masks, train: data.Split, normalize: str, images: int, seed: int) -> None:
+    """Least-squares refit of the pruned model's conv2d layers to the dense outputs (see prune/reconstruct.py)."""
+    small = pruner.shrink(model, graph, masks)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))[:images]
+    x = data.normalize(train.images[pick], normalize).to(next(small.parameters()).dtype)
+    out_index = {name: keep.nonzero().flatten() for name, keep in masks.items()}
+    fits = reconstruct.reconstruct(small, dense, out_index, x, seed=seed)
+    pruner.expand_into(model, small, graph, masks)
+    if fits:
+        mean = lambda key: sum(getattr(f, key) for f in fits) / len(fits)  # noqa: E731
+        print(f"least-squares refit of {len(fits)} conv2d layers on {len(x)} images: mean relative error "
+              f"{mean('error_before'):.3f} -> {mean('error_after'):.3f}")
 
 
 def _mode(args) -> str:
@@ -183,7 +201,8 @@ def run(args) -> dict:
     test = data.load_split(args.data, "test", download=args.download).head(args.limit_test)
     state = dict(prev.train_state) if prev else None
     done = bool(state) and int(state.get("epoch", 0)) >= epochs
-    need_train = (prev is None and (args.criterion == "taylor" or args.bn_batches > 0)) or (epochs > 0 and not done)
+    need_train = ((prev is None and (args.criterion == "taylor" or args.bn_batches > 0 or args.reconstruct > 0))
+                  or (epochs > 0 and not done))
     train = data.load_split(args.data, "train", download=args.download).head(args.limit_train) if need_train else None
 
     def save(model, record, metrics, train_state) -> None:
@@ -200,7 +219,9 @@ def run(args) -> dict:
         scores = importance.compute(args.criterion, model, graph, batches)
         result = pruner.prune(model, graph, scores, args.flops_reduction, args.round_to, args.floor)
         masks = result.masks
-        if args.bn_batches:
+        if args.reconstruct:  # refits to the dense outputs, so the dense BN statistics stay (measured better)
+            _reconstruct(model, src.model, graph, masks, train, normalize, args.reconstruct, args.seed)
+        elif args.bn_batches:
             small = pruner.shrink(model, graph, masks)
             pruner.recalibrate_bn(small, (x for x, _ in _batches(train, normalize, 128, args.bn_batches,
                                                                  args.seed + 1, augment=True)))
@@ -211,7 +232,7 @@ def run(args) -> dict:
             flops_reduction=round(result.flops_reduction, 6),
             flops_dense=result.flops_dense, flops_pruned=result.flops_pruned,
             params_dense=result.params_dense, params_pruned=result.params_pruned,
-            bn_batches=int(args.bn_batches), source=str(src.path))
+            bn_batches=0 if args.reconstruct else int(args.bn_batches), source=str(src.path))
         metrics = {"top1_before": top1_before, "top1_oneshot": top1_oneshot, "top1": top1_oneshot,
                    "epochs": 0, "history": [], **_provenance(args)}
         state = {"epoch": 0, "epochs": epochs, "optimizer": None}
