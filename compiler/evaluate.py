@@ -24,12 +24,13 @@ def configure(p) -> None:
 
 @torch.inference_mode()
 def top1(model: torch.nn.Module, split: data.Split, normalize: str, batch_size: int = 500,
-         desc: str = "eval") -> float:
+         desc: str = "eval", progress: bool = True) -> float:
     """Top-1 accuracy in percent of a PyTorch model on a split."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for i in console.progress(range(0, len(split), batch_size), desc=desc, unit="batch"):
+    for i in console.progress(range(0, len(split), batch_size), desc=desc, unit="batch",
+                              disable=not progress or None):
         x = data.normalize(split.images[i:i + batch_size].to(device), normalize)
         correct += (model(x).argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
     return 100.0 * correct / max(len(split), 1)
@@ -45,7 +46,7 @@ def run(args) -> dict:
             raise UserError("--emulate runs a compiled board artifact: give it with --artifact DIR")
         from targets import emulate
 
-        return emulate.evaluate(args)
+        return emulate.evaluate(args.artifact, args.data, limit=args.limit, download=args.download)
     if args.artifact:
         from compiler import artifact
 
@@ -56,7 +57,10 @@ def run(args) -> dict:
                             "model, weights and normalization (see its manifest.json); drop "
                             f"{' and '.join(given)}, or drop --artifact to evaluate the checkpoint")
 
-        return artifact.evaluate(args)
+        result = artifact.evaluate(args.artifact, args.data, limit=args.limit, batch_size=args.batch_size,
+                                   download=args.download)
+        print(console.table([result], ["model", "target", "precision", "top1", "n", "seconds", "artifact"]))
+        return result
     from compiler import zoo
 
     ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
