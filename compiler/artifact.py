@@ -157,6 +157,7 @@ def evaluate(folder: str | Path, data_dir=None, *, limit: int | None = None, bat
     if batch_size <= 0:
         raise SettingError("batch_size", "must be positive")
     art = Artifact.load(folder)
+    art.executable  # loaded before the data: an artifact for another machine is refused first
     split = data.load_split(data_dir, "test", download=download).head(limit)
     chunk = max(art.batch, (batch_size // art.batch) * art.batch)
     t0 = time.perf_counter()

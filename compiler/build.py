@@ -246,11 +246,12 @@ def load_for_build(model: str | None, checkpoint: str | Path | None, normalize: 
             raise
     name = model or zoo.DEFAULT_MODEL
     torch.manual_seed(0)
+    untrained = Checkpoint(name, build_model(name).eval(), normalize or data.DEFAULT_NORMALIZATION)
     note = (f"no trained {name} is shipped with the package yet: built with UNTRAINED weights (accuracy is "
             "chance); pass a checkpoint for a real model")
     if not quiet:
         console.warn(note)
-    return Checkpoint(name, build_model(name).eval(), normalize or data.DEFAULT_NORMALIZATION), note
+    return untrained, note
 
 
 def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, progress: bool = True) -> dict:

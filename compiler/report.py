@@ -359,6 +359,13 @@ def write_files(result: dict, out: Path, t_start: float) -> None:
     fileio.write_json(out / "report.json", result)
 
 
+def throughput_timing(args) -> Timing:
+    try:
+        return Timing(args.throughput_repeat, args.throughput_number, min(args.warmup, 1))
+    except SettingError as e:  # its flags are --throughput-repeat and --throughput-number
+        raise SettingError(f"throughput_{e.field}", e.problem) from None
+
+
 def run(args) -> dict:
     from compiler.build import quant_from
 
@@ -367,7 +374,7 @@ def run(args) -> dict:
         pruned=tuple(args.pruned or ()), normalize=args.normalize, data=args.data, download=args.download,
         target=args.target, limit_test=args.limit_test, flops_reduction=args.flops_reduction,
         timing=Timing(args.repeat, args.number, args.warmup),
-        throughput=Timing(args.throughput_repeat, args.throughput_number, min(args.warmup, 1)),
+        throughput=throughput_timing(args),
         throughput_batch=args.throughput_batch, threads=args.threads, quant=quant_from(args),
         command=getattr(args, "_command", None))
     result = report(s)
