@@ -98,32 +98,24 @@ def evaluate(model: Checkpoint | Artifact | str | Path, data: str | Path | None 
              limit: int | None = None, progress: bool = False) -> dict:
     """Top-1 (%) on the first ``limit`` CIFAR-10 test images (all by default) of a PyTorch model or of an
     artifact built for this machine: ``{"top1", "n", "seconds", ...}``."""
-    import time
-
     from compiler import artifact as artifact_mod
-    from compiler import data as data_mod
-    from compiler.evaluate import top1
+    from compiler.evaluate import evaluate as evaluate_checkpoint
 
     if isinstance(model, Artifact):
         return artifact_mod.evaluate(model.folder, data, limit=limit, progress=progress)
-    if limit is not None and limit <= 0:
-        raise SettingError("limit", "must be a positive number of images")
-    ckpt = _checkpoint(model)
-    split = data_mod.load_split(data, "test").head(limit)
-    t0 = time.perf_counter()
-    acc = top1(ckpt.model, split, ckpt.normalize, progress=progress)
-    return {"model": ckpt.model_name, "checkpoint": ckpt.path, "normalize": ckpt.normalize, "top1": round(acc, 2),
-            "n": len(split), "seconds": round(time.perf_counter() - t0, 2)}
+    return evaluate_checkpoint(_checkpoint(model), data, limit=limit, progress=progress)
 
 
 def compare(model: Checkpoint | str | Path, *, pruned: Checkpoint | str | Path | None = None,
             data: str | Path | None = None, progress: bool = False, **settings) -> dict:
     """Every engine (PyTorch, ONNX Runtime, OpenVINO, TVM, TensorRT where present) on the same batch of the dense
-    model and its pruned copy: rows of median / p90 ms, speed-ups and agreement with PyTorch. Further keywords:
+    model and its pruned copy (default: the shipped one, when it was pruned from ``model``): rows of median / p90 ms, speed-ups and agreement with PyTorch. Further keywords:
     the fields of :class:`compiler.compare.CompareSettings`."""
     from compiler.compare import CompareSettings, compare as run_compare
 
+    from compiler import pair
+
     dense = _checkpoint(model)
-    pr = None if pruned is None else pruned if isinstance(pruned, Checkpoint) else load(pruned,
-                                                                                         model=dense.model_name)
+    # no pruned model: the shipped one when it was pruned from exactly ``dense``
+    pr = pruned if isinstance(pruned, Checkpoint) else pair.pruned_for(dense, pruned, None, quiet=True)
     return run_compare(dense, pr, CompareSettings(data=data, **settings), progress=progress)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler import cli, console, data, precision, render
+from compiler import cli, console, data, pair, precision, render
 from compiler.build import BuildSettings, QuantSettings
 from compiler.engines import Timing, Unavailable, measure
 from compiler.errors import SettingError, UserError
@@ -101,67 +101,6 @@ def thread_counts(n: int | None) -> list[int]:
         raise SettingError("threads", "must be positive")
     threads.prepare_tvm()
     return [n] if n is not None else threads.candidates()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# models
-
-
-def load_models(model: str | None, checkpoint: str | None, pruned: str | None, normalize: str | None):
-    """(dense Checkpoint, pruned Checkpoint or None) as the flags name them."""
-    from compiler import zoo
-
-    dense = check_dense(zoo.load(model, checkpoint, normalize))
-    return dense, pruned_for(dense, pruned, normalize)
-
-
-def pruned_for(dense, pruned: str | None, normalize: str | None, *, quiet: bool = False):
-    """The ``--pruned`` checkpoint; without one, the shipped pruned model when it was pruned from exactly ``dense``
-    (saying so in one line); else None."""
-    import sys
-
-    from compiler import zoo
-
-    if pruned is None:
-        shipped = zoo.shipped_pruned_for(dense)
-        if shipped is None:
-            return None
-        if not quiet:
-            print(f"no --pruned: using {zoo.describe(dense.model_name)}, pruned from this checkpoint",
-                  file=sys.stderr)
-        pruned = shipped
-    return load_pruned(pruned, dense.model_name, normalize)
-
-
-def check_dense(ck):
-    """``ck`` itself, or a clear error when it is a pruned checkpoint given as the baseline."""
-    if ck.pruning:
-        raise UserError(f"{ck.path} is a pruned checkpoint; give its dense original as the baseline and it "
-                        "as the pruned model")
-    return ck
-
-
-def load_pruned(path, model_name: str, normalize: str | None):
-    """The ``--pruned`` checkpoint, or a clear error when it has no pruning record."""
-    from compiler import checkpoint as ckpt_mod
-
-    pr = ckpt_mod.load_checkpoint(path, model_name, normalize)
-    if not pr.pruning:
-        raise UserError(f"{path} is not a pruned checkpoint (no pruning record); the pruned model is the "
-                        "output of `prune`")
-    return pr
-
-
-def shrunk(pr):
-    """The physically smaller copy of a pruned checkpoint's model (removed channels deleted; same function)."""
-    from compiler.prune import dependency, pruner
-
-    graph = dependency.analyze(pr.model, prune_stream=bool(pr.pruning.get("prune_stream")))
-    try:
-        masks = pruner.masks_from_record(pr.pruning)
-        return pruner.shrink(pr.model, graph, masks).eval()
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{pr.path}: its pruning record does not fit {pr.model_name} ({e})") from None
 
 
 def test_batch(data_dir, n: int):
@@ -444,7 +383,7 @@ def bench_for(dense, pruned, s: CompareSettings, batch: int, counts: list[int]) 
 
     models = {"dense": (dense, dense.model)}
     if pruned is not None:
-        models["pruned"] = (pruned, shrunk(pruned))
+        models["pruned"] = (pruned, pair.shrunk(pruned))
     raw = test_batch(s.data, max(batch, CHECK_IMAGES))
     inputs = {k: normalized(raw, ck.normalize) for k, (ck, _) in models.items()}
     check_of = {k: v[:CHECK_IMAGES] for k, v in inputs.items()}
@@ -457,7 +396,7 @@ def bench_for(dense, pruned, s: CompareSettings, batch: int, counts: list[int]) 
 def compare(dense, pruned, s: CompareSettings, *, progress: bool = True) -> dict:
     """Every engine on the dense checkpoint and its pruned copy (or None); the rows, the best TVM row against the
     best CPU peer, and what it all ran on."""
-    check_dense(dense)
+    pair.check_dense(dense)
     counts = thread_counts(s.threads)
     t_start, start = time.perf_counter(), machine()
     if s.keep:
@@ -513,7 +452,7 @@ def run(args) -> dict:
     s = CompareSettings(data=args.data, batch=args.batch, artifacts=tuple(args.artifact or ()),
                         timing=Timing(args.repeat, args.number, args.warmup), threads=args.threads,
                         quant=quant_from(args), keep=args.keep)
-    dense, pruned = load_models(args.model, args.checkpoint, args.pruned, args.normalize)
+    dense, pruned = pair.load(args.model, args.checkpoint, args.pruned, args.normalize)
     result = compare(dense, pruned, s)
     rows = result["rows"]
     base = next(r for r in rows if (r["engine"], r["model"], r["precision"]) == BASELINE)

@@ -7,7 +7,7 @@ import time
 import torch
 
 from compiler import cli, console, data
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 
 def configure(p) -> None:
@@ -64,17 +64,24 @@ def run(args) -> dict:
     from compiler import zoo
 
     ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
-    split = data.load_split(args.data, "test", download=args.download).head(args.limit)
+    result = evaluate(ckpt, args.data, limit=args.limit, batch_size=args.batch_size, download=args.download)
+    print(console.table([result], ["model", "top1", "n", "normalize", "seconds", "checkpoint"]))
+    return result
+
+
+def evaluate(ckpt, data_dir=None, *, limit: int | None = None, batch_size: int = 500, download: bool = False,
+             progress: bool = True) -> dict:
+    """Top-1 (%) of a loaded checkpoint (PyTorch) on the first ``limit`` CIFAR-10 test images (all by default)."""
+    if limit is not None and limit <= 0:
+        raise SettingError("limit", "must be a positive number of images")
+    split = data.load_split(data_dir, "test", download=download).head(limit)
     t0 = time.perf_counter()
-    acc = top1(ckpt.model, split, ckpt.normalize, args.batch_size)
-    seconds = time.perf_counter() - t0
-    result = {
+    acc = top1(ckpt.model, split, ckpt.normalize, batch_size, progress=progress)
+    return {
         "model": ckpt.model_name,
         "checkpoint": ckpt.path,
         "normalize": ckpt.normalize,
         "top1": round(acc, 2),
         "n": len(split),
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    print(console.table([result], ["model", "top1", "n", "normalize", "seconds", "checkpoint"]))
-    return result

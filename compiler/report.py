@@ -161,7 +161,7 @@ def resolve(s: ReportSettings) -> list[dict]:
     """Per model: name, baseline Checkpoint, pruned Checkpoint (or None: prune here); models without a baseline
     are skipped with a warning."""
     from compiler import zoo
-    from compiler.compare import check_dense, pruned_for
+    from compiler.pair import check_dense, pruned_for
 
     plans, errors = [], []
     for i, name in enumerate(s.models):

@@ -78,5 +78,7 @@ def test_build_and_run_an_artifact(tmp_path, tiny_cifar):
         ref = model(data.normalize(torch.from_numpy(images).permute(0, 3, 1, 2), "cifar")).numpy()
     assert logits.shape == (3, 10) and np.abs(logits - ref).max() < 1e-3
     ev = compiler.evaluate(art, tiny_cifar, limit=8)
-    assert ev["n"] == 8 and ev == {**ev, "precision": "fp32"}
+    assert ev["n"] == 8 and ev["precision"] == "fp32"
+    # the same images through PyTorch: the fp32 artifact's argmax is PyTorch's, so the top-1 is the same
+    assert compiler.evaluate(path, tiny_cifar, limit=8)["top1"] == ev["top1"]
     assert Path(art.folder).name == "art"

@@ -109,7 +109,7 @@ def add(path: str | Path, data_dir=None, *, zoo_dir: Path = zoo.ZOO_DIR, license
         raise SettingError("license", f"{license} is not a file")
     dest = zoo_dir / f"{src.model_name}.pt"
     if dest.exists() and not force:
-        raise UserError(f"a {src.model_name} is already shipped ({dest}); pass --force to replace it")
+        raise SettingError("force", f"is off and a {src.model_name} is already shipped ({dest}): set it to replace that")
     for out in (dest, dest.with_suffix(".json"), dest.with_suffix(".md"), dest.with_suffix(".LICENSE"),
                 dest.with_name(dest.stem + zoo.VERIFY_SUFFIX)):  # force replaces a shipped file, never a folder
         fileio.check_output(out, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(path, data_dir),
