@@ -51,6 +51,8 @@ def report_rows(rows: list[dict]) -> list[dict]:
             "model.so MB": round(r["so_bytes"] / 1e6, 3),
             "weights MB": round(r["weight_bytes"] / 1e6, 3),
             "b1 latency ms": r["latency_ms"],
+            "best CPU peer b1 ms": r.get("best_peer_ms"),
+            "vs best peer": f"{r['vs_best_peer']:.2f}x ({r['best_peer']})" if r.get("vs_best_peer") else "",
             f"b{r['throughput_batch']} img/s": r["throughput_ips"],
             f"kernels b1 / b{r['throughput_batch']}": f"{r['kernels_b1']} / {r['kernels_throughput']}",
         })
@@ -151,6 +153,9 @@ def report_markdown(result: dict, shown: list[dict]) -> str:
         f"(TVM time_evaluator, {result['timing']['warmup']} warm-up); "
         f"b{rows[0]['throughput_batch']} img/s: batch / median of {result['timing']['throughput_repeat']} runs x "
         f"{result['timing']['throughput_number']} call(s).",
+        "- best CPU peer b1 ms: the fastest of PyTorch eager, ONNX Runtime and OpenVINO (fp32, and the pruned "
+        "model's static int8 QDQ: compare's rows) on the stage's model at batch 1, each at its fastest thread "
+        "count; vs best peer: that time / the stage's TVM b1 latency (`peers_b1_ms` in report.json).",
         "- kernels: `tuned a/b` where a MetaSchedule database from tuning_logs/ applied to a of b kernels of that "
         "build (batch 1 / throughput batch), else `untuned` (TVM's default schedules; `python -m compiler tune` "
         "makes them faster). Tuning is per shape, batch included.",

@@ -260,6 +260,32 @@ def measure_stage(plan: dict, stage: str, kind: str, prec: str, s: ReportSetting
     }
 
 
+def peer_rows(plan: dict, s: ReportSettings, counts: list[int]) -> list[dict]:
+    """compare's CPU peers at batch 1 on the plan's dense and pruned models: PyTorch eager (fp32), ONNX Runtime
+    and OpenVINO (fp32, and the pruned model's static int8 QDQ), each at its fastest thread count."""
+    import tempfile
+
+    from compiler.compare import CompareSettings, bench_for, onnx_engine_rows, onnx_files, pytorch_rows
+
+    cs = CompareSettings(data=s.data, batch=1, timing=s.timing, threads=s.threads, quant=s.quant)
+    b = bench_for(plan["baseline"], plan["pruned"], cs, 1, counts)
+    with tempfile.TemporaryDirectory(prefix="report-onnx-") as work:
+        b.work = Path(work)
+        rows = pytorch_rows(b) + onnx_files(b, plan["model"], s.data, s.quant)
+        rows += onnx_engine_rows(b, "onnxruntime") + onnx_engine_rows(b, "openvino")
+    return rows
+
+
+def with_peer(row: dict, peers: list[dict], kind: str) -> dict:
+    """``row`` with the fastest CPU peer on the same model (any engine, any precision) and TVM's speed-up on it."""
+    got = [p for p in peers if p["available"] and p["model"] == kind]
+    best = min(got, key=lambda p: p["median_ms"]) if got else None
+    return {**row, "peers_b1_ms": {f"{p['engine']} {p['precision']}": p["median_ms"] for p in got},
+            "best_peer": f"{best['engine']} {best['precision']}" if best else None,
+            "best_peer_ms": best["median_ms"] if best else None,
+            "vs_best_peer": round(best["median_ms"] / row["latency_ms"], 2) if best else None}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the orchestration
 
@@ -297,7 +323,7 @@ def report(s: ReportSettings, *, progress: bool = True) -> dict:
 
     from compiler.compare import machine, thread_counts
 
-    thread_counts(s.threads)  # sizes TVM's pool before anything runs
+    counts = thread_counts(s.threads)  # sizes TVM's pool before anything runs
     t_start, start_machine = time.perf_counter(), machine()
     out = Path(s.out).expanduser().resolve()
     fileio.check_output(out, is_ours=is_report_dir, what="report of this project (with its report.json)",
@@ -316,10 +342,14 @@ def report(s: ReportSettings, *, progress: bool = True) -> dict:
             steps.set_postfix_str(f"{plan['model']}: one-shot prune")
             notes.append(_pruned_here(plan, s, out))
             console.warn(notes[-1])
+        steps.set_postfix_str(f"{plan['model']}: CPU peers")
+        peers = peer_rows(plan, s, counts)  # before this model's TVM runs (its threads keep spinning)
+        notes += [f"{plan['model']}: {p['engine']} {p['reason']}" for p in peers if not p["available"]]
         for stage, kind, prec in STAGES:
             steps.set_postfix_str(f"{plan['model']}: {stage}")
-            rows.append({**measure_stage(plan, stage, kind, prec, s, out, first_images),
-                         "one_shot": one_shot and kind == "pruned"})
+            row = {**measure_stage(plan, stage, kind, prec, s, out, first_images),
+                   "one_shot": one_shot and kind == "pruned"}
+            rows.append(with_peer(row, peers, kind))
             steps.update()
     steps.close()
     notes += stage_notes(rows, s, len(test))

@@ -82,3 +82,13 @@ def test_build_and_run_an_artifact(tmp_path, tiny_cifar):
     # the same images through PyTorch: the fp32 artifact's argmax is PyTorch's, so the top-1 is the same
     assert compiler.evaluate(path, tiny_cifar, limit=8)["top1"] == ev["top1"]
     assert Path(art.folder).name == "art"
+
+
+def test_no_module_imports_a_verb_module_by_its_short_name():
+    """``from compiler import compare`` gives the API function, not compiler/compare.py: inside the package the
+    verb modules are imported by their full names."""
+    verbs = r"\b(build|compare|evaluate|prune|tune)\b"
+    bad = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "compiler").rglob("*.py") if p.name != "api.py"
+           for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.match(r"\s*from compiler import ", line) and re.search(verbs, line.split("import", 1)[1])]
+    assert not bad, bad

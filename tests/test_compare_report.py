@@ -143,7 +143,20 @@ def test_report_writes_table_plots_and_matches_eval(small, tmp_path, capsys):
     assert rows[1]["macs"] < 0.6 * rows[0]["macs"] and rows[1]["macs"] == rows[2]["macs"]
     assert rows[2]["weight_bytes"] < rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
     assert all(r["n_test"] == 16 and r["latency_ms"] > 0 and r["throughput_ips"] > 0 for r in rows)
+    # the CPU peers at batch 1 on each stage's model (compare's rows): TVM's speed-up against the fastest one
+    for r in rows:
+        assert r["best_peer_ms"] == min(r["peers_b1_ms"].values()) > 0, r
+        assert r["vs_best_peer"] == round(r["best_peer_ms"] / r["latency_ms"], 2)
+    assert {"pytorch fp32", "onnxruntime fp32"} <= set(rows[0]["peers_b1_ms"])
+    assert "onnxruntime int8" in rows[2]["peers_b1_ms"] and "onnxruntime int8" not in rows[0]["peers_b1_ms"]
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        assert any("pip install openvino" in n for n in res["notes"])
+    else:
+        assert {"openvino fp32", "openvino int8"} <= set(rows[2]["peers_b1_ms"])
     md = (out_dir / "report.md").read_text()
+    assert "best CPU peer b1 ms" in md
     assert "ONE-SHOT" in md and "| resnet8 | baseline |" in md and "--limit-test" in md
     # the table's top-1 is what `eval --artifact` prints for the same artifact
     for r in (rows[0], rows[2]):
