@@ -7,10 +7,12 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 
 from compiler import console, data
 from compiler.build import ARTIFACT_FORMAT, LIBRARY, MANIFEST, run_module
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 from compiler.fileio import sha256_file
 
 
@@ -147,26 +149,75 @@ def load_local(folder: str | Path):
     return executable, manifest
 
 
-def evaluate(args) -> dict:
-    executable, manifest = load_local(args.artifact)
-    split = data.load_split(args.data, "test", download=args.download).head(args.limit)
-    batch = manifest["input"]["shape"][0]
-    chunk = max(batch, (args.batch_size // batch) * batch)
+def evaluate(folder: str | Path, data_dir=None, *, limit: int | None = None, batch_size: int = 500,
+             download: bool = False, progress: bool = True) -> dict:
+    """Top-1 (%) of the artifact in ``folder`` on the first ``limit`` CIFAR-10 test images (all by default)."""
+    if limit is not None and limit <= 0:
+        raise SettingError("limit", "must be a positive number of images")
+    if batch_size <= 0:
+        raise SettingError("batch_size", "must be positive")
+    art = Artifact.load(folder)
+    art.executable  # loaded before the data: an artifact for another machine is refused first
+    split = data.load_split(data_dir, "test", download=download).head(limit)
+    chunk = max(art.batch, (batch_size // art.batch) * art.batch)
     t0 = time.perf_counter()
     correct = 0
-    for i in console.progress(range(0, len(split), chunk), desc="eval artifact", unit="chunk"):
-        x = data.normalize(split.images[i:i + chunk], manifest["input"]["normalize"]).numpy()
-        logits = run_module(executable, x, batch)
+    for i in console.progress(range(0, len(split), chunk), desc="eval artifact", unit="chunk",
+                              disable=not progress or None):
+        logits = art.run(split.images[i:i + chunk])
         correct += int((logits.argmax(1) == split.labels[i:i + chunk].numpy()).sum())
-    seconds = time.perf_counter() - t0
-    result = {
-        "model": manifest["model"],
-        "artifact": str(args.artifact),
-        "target": manifest["target"]["name"],
-        "precision": manifest["precision"],
+    return {
+        "model": art.manifest["model"],
+        "artifact": str(folder),
+        "target": art.manifest["target"]["name"],
+        "precision": art.manifest["precision"],
         "top1": round(100.0 * correct / max(len(split), 1), 2),
         "n": len(split),
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    print(console.table([result], ["model", "target", "precision", "top1", "n", "seconds", "artifact"]))
-    return result
+
+
+class Artifact:
+    """A compiled artifact folder: its validated ``manifest`` and, for one built for this machine, ``run``."""
+
+    def __init__(self, folder: str | Path, manifest: dict):
+        self.folder, self.manifest = Path(folder), manifest
+        self._executable = None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Artifact":
+        """Read and validate the manifest (the library is loaded on the first :meth:`run`)."""
+        return cls(folder, read_manifest(folder))
+
+    @property
+    def batch(self) -> int:
+        return self.manifest["input"]["shape"][0]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def executable(self):
+        """The loaded module (sha256 checked, TVM set to the recorded thread count); only for this machine."""
+        if self._executable is None:
+            self._executable, self.manifest = load_local(self.folder)
+        return self._executable
+
+    def preprocess(self, images) -> np.ndarray:
+        """uint8 images (N, 3, 32, 32) or (N, 32, 32, 3) -> the normalized float32 NCHW input the module takes;
+        float images are taken as already normalized NCHW."""
+        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if x.dtype != torch.uint8:
+            return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        return np.ascontiguousarray(data.normalize(x, self.manifest["input"]["normalize"]).numpy())
+
+    def run(self, images) -> np.ndarray:
+        """Logits (N, 10) of ``images`` (any N: run in chunks of the compiled batch)."""
+        return run_module(self.executable, self.preprocess(images), self.batch)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Artifact({str(self.folder)!r}, {m['model']}, {m['target']['name']}, {m['precision']}, batch {self.batch})"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from compiler import cli, console, data, fileio, precision, zoo
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 ARTIFACT_FORMAT = "cifar-hybrid-compiler/artifact"
 MANIFEST = "manifest.json"
@@ -175,10 +175,10 @@ def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=
     return Lowered(dense, stripped, module, strip_report, quant_report, calib_desc)
 
 
-def check_batch(batch: int, flag: str = "--batch") -> int:
+def check_batch(batch: int, field: str = "batch") -> int:
     if not 0 < batch <= MAX_BATCH:
-        raise UserError(f"{flag} must be between 1 and {MAX_BATCH}, got {batch} (a static batch is compiled into "
-                        "every kernel; larger ones need gigabytes to compile and verify)")
+        raise SettingError(field, f"must be between 1 and {MAX_BATCH}, got {batch} (a static batch is compiled "
+                                  "into every kernel; larger ones need gigabytes to compile and verify)")
     return batch
 
 
@@ -190,77 +190,125 @@ def check_out(out: Path, *inputs) -> Path:
                                what="artifact of this project (a folder with its manifest.json)")
 
 
-def parse_keep(text: str) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
+def parse_keep(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``"first,conv2d3"`` (or a sequence of names) -> the layers kept fp32; ``none`` keeps none."""
+    items = tuple(x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x.strip())
     return () if items in ((), ("none",)) else items
 
 
-def build(args) -> dict:
+@dataclass(frozen=True)
+class QuantSettings:
+    """int8 calibration, shared by build, tune and compare (so the module tuned is the module built)."""
+
+    calib_images: int = precision.DEFAULT_CALIB_IMAGES
+    calibration: str = precision.DEFAULT_CALIBRATION
+    keep_fp32: tuple[str, ...] = precision.DEFAULT_KEEP
+
+    def __post_init__(self):
+        if self.calib_images <= 0:
+            raise SettingError("calib_images", "must be positive")
+        if self.calibration not in precision.CALIBRATION_METHODS:
+            raise SettingError("calibration", f"must be one of {', '.join(precision.CALIBRATION_METHODS)}, "
+                                              f"got {self.calibration!r}")
+        object.__setattr__(self, "keep_fp32", parse_keep(self.keep_fp32))
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What ``build`` compiles and how; validated when made."""
+
+    target: str = "jetson-tx2"
+    precision: str = "auto"
+    batch: int = 1
+    out: str | Path | None = None  # default artifacts/<model>-<target>
+    data: str | Path | None = None  # CIFAR-10: calibration (training images) and verification (test images)
+    quant: QuantSettings = QuantSettings()
+    tuning_log: str | Path | None = None  # default: tuning_logs/<target>/<model>-<variant>/ when it exists
+
+    def __post_init__(self):
+        check_batch(self.batch)
+        if self.precision not in precision.CHOICES:
+            raise SettingError("precision", f"must be one of {', '.join(precision.CHOICES)}, "
+                                            f"got {self.precision!r}")
+
+
+def load_for_build(model: str | None, checkpoint: str | Path | None, normalize: str | None, *,
+                   quiet: bool = False):
+    """(Checkpoint, note): the given checkpoint, else the shipped one; where none is shipped, the model with
+    UNTRAINED weights and a note saying so (the pipeline still runs; accuracy is chance)."""
+    from compiler.checkpoint import Checkpoint
+    from compiler.models import build_model
+
+    try:
+        return zoo.load(model, checkpoint, normalize, quiet=quiet), None
+    except UserError:
+        if checkpoint is not None:
+            raise
+    name = model or zoo.DEFAULT_MODEL
+    torch.manual_seed(0)
+    untrained = Checkpoint(name, build_model(name).eval(), normalize or data.DEFAULT_NORMALIZATION)
+    note = (f"no trained {name} is shipped with the package yet: built with UNTRAINED weights (accuracy is "
+            "chance); pass a checkpoint for a real model")
+    if not quiet:
+        console.warn(note)
+    return untrained, note
+
+
+def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, progress: bool = True) -> dict:
+    """Compile ``ckpt`` (a :class:`compiler.checkpoint.Checkpoint`) into a verified artifact folder:
+    ``{"artifact": folder, "manifest": {...}}``. Refuses (UserError) to write one that differs from PyTorch."""
     import targets
-    import tvm
 
-    from passes.analysis import count_flops
-    from passes.quantize import constant_bytes
-
-    from compiler import threads
+    from compiler import threads, tuning
 
     threads.prepare_tvm()  # before any module runs (calibration): thread counts up to the cores can be timed
     t_start = time.perf_counter()
-    spec = targets.get(args.target)
-    check_batch(args.batch)
-    weights_note = None
-    try:
-        ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
-    except UserError:
-        if args.checkpoint is not None:
-            raise
-        # no trained default is shipped yet: build the pipeline on an untrained model and say so loudly
-        from compiler.checkpoint import Checkpoint
-        from compiler.models import build_model
+    spec = targets.get(settings.target)
+    prec, prec_reason = precision.choose(settings.precision, spec)
+    out = Path(settings.out or f"artifacts/{ckpt.model_name}-{spec.name}")
+    check_out(out, ckpt.path, settings.data, settings.tuning_log)
+    q = settings.quant
 
-        name = args.model or zoo.DEFAULT_MODEL
-        torch.manual_seed(0)
-        ckpt = Checkpoint(name, build_model(name).eval(), args.normalize or data.DEFAULT_NORMALIZATION)
-        weights_note = (f"no trained {name} is shipped with the package yet: built with UNTRAINED weights "
-                        "(accuracy is chance); pass --checkpoint PATH for a real model")
-        console.warn(weights_note)
-    prec, prec_reason = precision.choose(args.precision, spec)
-    out = Path(args.out or f"artifacts/{ckpt.model_name}-{spec.name}")
-    check_out(out, ckpt.path, args.data, args.tuning_log)
-
-    steps = console.progress(total=5, desc="build", unit="step", leave=False)
+    steps = console.progress(total=5, desc="build", unit="step", leave=False, disable=not progress or None)
     steps.set_postfix_str("import + strip" + (" + calibrate" if precision.needs_calibration(prec) else ""))
-    lowered = lower(ckpt.model, args.batch, prec, spec, data_dir=args.data, normalize=ckpt.normalize,
-                    calib_images=args.calib_images, calibration=args.calibration, keep=parse_keep(args.keep_fp32),
-                    untrained=weights_note is not None)
-    dense, mod, strip_report = lowered.dense, lowered.module, lowered.strip_report
-    # precision changes no MAC count; count on the fp32 IR (int8-weights wraps each conv2d in a function of its own)
-    flops_dense, flops_compiled = count_flops(dense), count_flops(lowered.stripped)  # static batch: whole batch
-    for f in (flops_dense, flops_compiled):
-        f["macs"] //= args.batch
-    bytes_dense, bytes_compiled = constant_bytes(dense)["total"], constant_bytes(mod)["total"]
+    lowered = lower(ckpt.model, settings.batch, prec, spec, data_dir=settings.data, normalize=ckpt.normalize,
+                    calib_images=q.calib_images, calibration=q.calibration, keep=q.keep_fp32,
+                    untrained=untrained_note is not None)
     steps.update()
-
     steps.set_postfix_str(f"compile for {spec.name}")
-    from compiler import tuning
-
-    variant = tuning.variant_of(mod, prec)
-    database, tuning_info = tuning.find_database(spec, ckpt.model_name, variant, explicit_dir=args.tuning_log)
-    applied = tuning.tasks_applied(mod, spec, database) if database is not None else None
-    executable = targets.compile_module(mod, spec, database=database)
+    variant = tuning.variant_of(lowered.module, prec)
+    database, tuning_info = tuning.find_database(spec, ckpt.model_name, variant, explicit_dir=settings.tuning_log)
+    applied = tuning.tasks_applied(lowered.module, spec, database) if database is not None else None
+    executable = targets.compile_module(lowered.module, spec, database=database)
     steps.update()
-
     steps.set_postfix_str("verify against PyTorch")
-    verify = verification_inputs(args.data, ckpt.normalize, VERIFY_SAMPLES, ckpt.model_name)
-    x, x_desc = verify.x, verify.description
+    verification = verify(ckpt, lowered.module, executable, spec, prec, settings)
+    steps.update()
+    steps.set_postfix_str("time thread counts")
+    runs_here = spec.kind == "cpu" and not spec.cross_compiled
+    runtime = measure_threads(executable, settings.batch) if runs_here else board_threads(spec)
+    steps.set_postfix_str("write artifact")
+    facts = {"precision": prec, "precision_reason": prec_reason, "tuning": tuning.manifest_entry(tuning_info, applied),
+             "runtime": runtime, "verification": verification, "note": untrained_note, "t_start": t_start}
+    manifest = write_artifact(out, executable, ckpt, spec, settings, lowered, facts)
+    steps.update()
+    steps.close()
+    return {"artifact": str(out), "manifest": manifest}
+
+
+def verify(ckpt, mod, executable, spec, prec: str, settings: BuildSettings) -> dict:
+    """Run the compiled module on this CPU (board targets: a host build of the same IR) beside PyTorch; the
+    manifest's ``verification`` entry, or a UserError when it differs beyond the precision's tolerance."""
+    import targets
+
+    v = verification_inputs(settings.data, ckpt.normalize, VERIFY_SAMPLES, ckpt.model_name)
     with torch.inference_mode():
-        ref = ckpt.model(x).numpy()
+        ref = ckpt.model(v.x).numpy()
     if not np.isfinite(ref).all():
         raise UserError("the model itself (PyTorch) outputs NaN or infinite logits on the verification inputs; "
                         "its weights are broken; artifact not written")
-    shipped = zoo.is_shipped(ckpt)
-    if verify.shipped is not None and shipped:
-        stored = verify.shipped["logits"][:len(ref)]
+    if v.shipped is not None and zoo.is_shipped(ckpt):
+        stored = v.shipped["logits"][:len(ref)]
         if not np.allclose(ref, stored, atol=1e-3, rtol=1e-3):
             raise UserError(f"the shipped {ckpt.model_name} does not reproduce its recorded logits (max |diff| "
                             f"{float(np.abs(ref - stored).max()):.3g}): the package's compiler/zoo files are "
@@ -268,69 +316,79 @@ def build(args) -> dict:
     runs_here = spec.kind == "cpu" and not spec.cross_compiled
     host = spec if runs_here else targets.get("host")
     runnable = executable if runs_here else targets.compile_module(mod, host)
-    got = run_module(runnable, x.numpy(), args.batch)
+    got = run_module(runnable, v.x.numpy(), settings.batch)
     max_abs_diff = float(np.abs(got - ref).max())
     tolerance = precision.TOLERANCE[prec] * max(1.0, float(np.abs(ref).max()))
     argmax_agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    min_agree = (precision.VERIFY_ARGMAX_REAL if verify.real else precision.VERIFY_ARGMAX).get(prec, 0.0)
+    min_agree = (precision.VERIFY_ARGMAX_REAL if v.real else precision.VERIFY_ARGMAX).get(prec, 0.0)
     if not np.isfinite(max_abs_diff) or max_abs_diff > tolerance or argmax_agree < min_agree:
         raise UserError(f"compiled module differs from PyTorch by {max_abs_diff:.3g} (tolerance {tolerance:.3g} "
-                        f"for {prec}), argmax agreement {argmax_agree:.2f} (needs {min_agree:.2f}) on {x_desc}; "
-                        "artifact not written")
-    steps.update()
+                        f"for {prec}), argmax agreement {argmax_agree:.2f} (needs {min_agree:.2f}) on "
+                        f"{v.description}; artifact not written")
+    return {"max_abs_diff": max_abs_diff, "tolerance": tolerance, "argmax_agreement": argmax_agree,
+            "argmax_agreement_required": min_agree, "real_images": v.real, "top1_on_inputs": _top1_on(v, got),
+            "inputs": v.description, "run_on": f"{host.name} ({platform.machine()})"}
 
-    steps.set_postfix_str("time thread counts")
-    runtime = measure_threads(executable, args.batch) if runs_here else board_threads(spec)
 
-    steps.set_postfix_str("write artifact")
+def write_artifact(out: Path, executable, ckpt, spec, settings: BuildSettings, lowered: Lowered,
+                   facts: dict) -> dict:
+    """The artifact folder (atomically): model.so and manifest.json; the manifest."""
+    import targets
+    import tvm
+
     from compiler.artifact import is_artifact
 
     with fileio.atomic_dir(out, replace_if=is_artifact) as tmp:
         with console.filter_native_stderr():
             exported = targets.export_library(executable, tmp / LIBRARY, spec)
-        mean, std = data.NORMALIZATIONS[ckpt.normalize]
-        manifest = {
-            "format": ARTIFACT_FORMAT,
-            "version": 1,
-            "model": ckpt.model_name,
-            "target": {"name": spec.name, "tvm": spec.target_json(), "kind": spec.kind,
-                       "cross_compiled": spec.cross_compiled},
-            "precision": prec,
-            "precision_reason": prec_reason,
-            "input": {"name": "x", "shape": [args.batch, 3, 32, 32], "dtype": "float32", "layout": "NCHW",
-                      "preprocess": "uint8 RGB / 255, then (x - mean) / std per channel",
-                      "normalize": ckpt.normalize, "mean": list(mean), "std": list(std)},
-            "output": {"shape": [args.batch, 10], "dtype": "float32", "meaning": "logits"},
-            "classes": list(data.CLASSES),
-            "flops": {"unit": "multiply-accumulates per image, counted on the Relax IR",
-                      "dense": flops_dense["macs"], "compiled": flops_compiled["macs"]},
-            "params": {"dense": flops_dense["params"], "compiled": flops_compiled["params"]},
-            "weight_bytes": {"dense": bytes_dense, "compiled": bytes_compiled,
-                             "note": "bytes of the constants in the Relax IR (fp32 dense; compiled: after strip + precision)"},
-            "strip": strip_report,
-            "quantization": None if lowered.quant_report is None else {
-                "calibration_images": lowered.calibration,
-                "method": args.calibration if lowered.calibration else None,
-                **lowered.quant_report},
-            "tuning": tuning.manifest_entry(tuning_info, applied),
-            "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "pruning": ckpt.pruning is not None,
-                           "shipped": shipped, "note": weights_note},
-            "runtime": runtime,
-            "verification": {"max_abs_diff": max_abs_diff, "tolerance": tolerance, "argmax_agreement": argmax_agree,
-                             "argmax_agreement_required": min_agree, "real_images": verify.real,
-                             "top1_on_inputs": _top1_on(verify, got),
-                             "inputs": x_desc, "run_on": f"{host.name} ({platform.machine()})"},
-            "artifact": {"file": LIBRARY, "sha256": fileio.sha256_file(tmp / LIBRARY),
-                         "bytes": (tmp / LIBRARY).stat().st_size, **(exported or {})},
-            "tvm_version": tvm.__version__,
-            "torch_version": torch.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - t_start, 1),
-        }
+        manifest = manifest_for(ckpt, spec, settings, lowered, facts)
+        manifest["artifact"] = {"file": LIBRARY, "sha256": fileio.sha256_file(tmp / LIBRARY),
+                                "bytes": (tmp / LIBRARY).stat().st_size, **(exported or {})}
+        manifest.update(tvm_version=tvm.__version__, torch_version=torch.__version__,
+                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        build_seconds=round(time.perf_counter() - facts["t_start"], 1))
         fileio.write_json(tmp / MANIFEST, manifest)
-    steps.update()
-    steps.close()
-    return {"artifact": str(out), "manifest": manifest}
+    return manifest
+
+
+def manifest_for(ckpt, spec, settings: BuildSettings, lowered: Lowered, facts: dict) -> dict:
+    """The manifest's facts about the model, the target and the lowering (the file entries come after export)."""
+    from passes.analysis import count_flops
+    from passes.quantize import constant_bytes
+
+    batch, mean_std = settings.batch, data.NORMALIZATIONS[ckpt.normalize]
+    # precision changes no MAC count; count on the fp32 IR (int8-weights wraps each conv2d in a function of its own)
+    flops_dense, flops_compiled = count_flops(lowered.dense), count_flops(lowered.stripped)  # whole static batch
+    return {
+        "format": ARTIFACT_FORMAT,
+        "version": 1,
+        "model": ckpt.model_name,
+        "target": {"name": spec.name, "tvm": spec.target_json(), "kind": spec.kind,
+                   "cross_compiled": spec.cross_compiled},
+        "precision": facts["precision"],
+        "precision_reason": facts["precision_reason"],
+        "input": {"name": "x", "shape": [batch, 3, 32, 32], "dtype": "float32", "layout": "NCHW",
+                  "preprocess": "uint8 RGB / 255, then (x - mean) / std per channel",
+                  "normalize": ckpt.normalize, "mean": list(mean_std[0]), "std": list(mean_std[1])},
+        "output": {"shape": [batch, 10], "dtype": "float32", "meaning": "logits"},
+        "classes": list(data.CLASSES),
+        "flops": {"unit": "multiply-accumulates per image, counted on the Relax IR",
+                  "dense": flops_dense["macs"] // batch, "compiled": flops_compiled["macs"] // batch},
+        "params": {"dense": flops_dense["params"], "compiled": flops_compiled["params"]},
+        "weight_bytes": {"dense": constant_bytes(lowered.dense)["total"],
+                         "compiled": constant_bytes(lowered.module)["total"],
+                         "note": "bytes of the constants in the Relax IR (fp32 dense; compiled: after strip + precision)"},
+        "strip": lowered.strip_report,
+        "quantization": None if lowered.quant_report is None else {
+            "calibration_images": lowered.calibration,
+            "method": settings.quant.calibration if lowered.calibration else None,
+            **lowered.quant_report},
+        "tuning": facts["tuning"],
+        "checkpoint": {"path": ckpt.path, "sha256": ckpt.sha256, "pruning": ckpt.pruning is not None,
+                       "shipped": zoo.is_shipped(ckpt), "note": facts["note"]},
+        "runtime": facts["runtime"],
+        "verification": facts["verification"],
+    }
 
 
 # measured on a 2-core Zen 4 (README, benchmarks/resnet56_host_latency.md): what skipping tuning costs on a CPU
@@ -360,8 +418,41 @@ def threads_line(m: dict) -> str:
         f"{r['threads']} ({r.get('how')})"
 
 
+def settings_from(args) -> BuildSettings:
+    """The flags of build (and of verbs that build: compare, report) as settings."""
+    return BuildSettings(target=args.target, precision=args.precision, batch=args.batch, out=args.out,
+                         data=args.data, quant=quant_from(args), tuning_log=args.tuning_log)
+
+
+def quant_from(args) -> QuantSettings:
+    return QuantSettings(calib_images=args.calib_images, calibration=args.calibration, keep_fp32=args.keep_fp32)
+
+
 def run(args) -> dict:
-    result = build(args)
+    settings = settings_from(args)
+    ckpt, note = load_for_build(args.model, args.checkpoint, args.normalize)
+    result = build(ckpt, settings, untrained_note=note)
+    render(result)
+    m = result["manifest"]
+    dense, comp = m["flops"]["dense"], m["flops"]["compiled"]
+    return {
+        "artifact": result["artifact"],
+        "target": m["target"]["name"],
+        "model": m["model"],
+        "precision": m["precision"],
+        "flops_dense": dense,
+        "flops_compiled": comp,
+        "params_dense": m["params"]["dense"],
+        "params_compiled": m["params"]["compiled"],
+        "weight_bytes_dense": m["weight_bytes"]["dense"],
+        "weight_bytes_compiled": m["weight_bytes"]["compiled"],
+        "max_abs_diff": m["verification"]["max_abs_diff"],
+        "untrained": bool(m["checkpoint"]["note"]),
+    }
+
+
+def render(result: dict) -> None:
+    """The build summary table."""
     m = result["manifest"]
     dense, comp = m["flops"]["dense"], m["flops"]["compiled"]
     rows = [
@@ -387,17 +478,3 @@ def run(args) -> dict:
         {"": "artifact", "value": str(Path(result["artifact"]) / LIBRARY)},
     ]
     print(console.table(rows, ["", "value"], title="build summary"))
-    return {
-        "artifact": result["artifact"],
-        "target": m["target"]["name"],
-        "model": m["model"],
-        "precision": m["precision"],
-        "flops_dense": dense,
-        "flops_compiled": comp,
-        "params_dense": m["params"]["dense"],
-        "params_compiled": m["params"]["compiled"],
-        "weight_bytes_dense": m["weight_bytes"]["dense"],
-        "weight_bytes_compiled": m["weight_bytes"]["compiled"],
-        "max_abs_diff": m["verification"]["max_abs_diff"],
-        "untrained": bool(m["checkpoint"]["note"]),
-    }

@@ -156,7 +156,7 @@ def load_checkpoint(path: str | os.PathLike, model_name: str | None = None, norm
     else:
         model_name = recorded or infer_model_name(state_dict)
         if model_name is None:
-            raise UserError(f"cannot tell the architecture of {path}: pass --model")
+            raise UserError(f"cannot tell the architecture of {path}: name the model")
     model = models.build_model(model_name)
     load_into(model, state_dict, model_name, path)
     model.eval()

@@ -13,7 +13,7 @@ import json
 import shlex
 import sys
 
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 # verb -> (module, one-line help)
 VERBS = {
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = importlib.import_module(args._module).run(args)
+    except SettingError as e:  # a settings field is named as the flag that set it
+        print(f"error: {e.as_flag()}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,3 +88,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return cpu
+
+
+@contextlib.contextmanager
+def third_party_quiet():
+    """Silence what a third-party library prints to stdout and warns while it works (torch.onnx's exporter,
+    onnxruntime.quantization): our own library code never prints, so this is only for theirs."""
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield

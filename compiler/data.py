@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -52,7 +52,7 @@ def resolve_data_dir(data: str | os.PathLike | None) -> Path:
     if data is None:
         data = os.environ.get("CIFAR10_DIR")
         if not data:
-            raise UserError("no data folder: pass --data DIR or set CIFAR10_DIR")
+            raise SettingError("data", "is not given and CIFAR10_DIR is not set: name a CIFAR-10 folder")
     path = Path(data).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"data folder {path} is a file, not a folder")

@@ -7,7 +7,7 @@ import time
 import torch
 
 from compiler import cli, console, data
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 
 def configure(p) -> None:
@@ -24,12 +24,13 @@ def configure(p) -> None:
 
 @torch.inference_mode()
 def top1(model: torch.nn.Module, split: data.Split, normalize: str, batch_size: int = 500,
-         desc: str = "eval") -> float:
+         desc: str = "eval", progress: bool = True) -> float:
     """Top-1 accuracy in percent of a PyTorch model on a split."""
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for i in console.progress(range(0, len(split), batch_size), desc=desc, unit="batch"):
+    for i in console.progress(range(0, len(split), batch_size), desc=desc, unit="batch",
+                              disable=not progress or None):
         x = data.normalize(split.images[i:i + batch_size].to(device), normalize)
         correct += (model(x).argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
     return 100.0 * correct / max(len(split), 1)
@@ -45,7 +46,7 @@ def run(args) -> dict:
             raise UserError("--emulate runs a compiled board artifact: give it with --artifact DIR")
         from targets import emulate
 
-        return emulate.evaluate(args)
+        return emulate.evaluate(args.artifact, args.data, limit=args.limit, download=args.download)
     if args.artifact:
         from compiler import artifact
 
@@ -56,21 +57,31 @@ def run(args) -> dict:
                             "model, weights and normalization (see its manifest.json); drop "
                             f"{' and '.join(given)}, or drop --artifact to evaluate the checkpoint")
 
-        return artifact.evaluate(args)
+        result = artifact.evaluate(args.artifact, args.data, limit=args.limit, batch_size=args.batch_size,
+                                   download=args.download)
+        print(console.table([result], ["model", "target", "precision", "top1", "n", "seconds", "artifact"]))
+        return result
     from compiler import zoo
 
     ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
-    split = data.load_split(args.data, "test", download=args.download).head(args.limit)
+    result = evaluate(ckpt, args.data, limit=args.limit, batch_size=args.batch_size, download=args.download)
+    print(console.table([result], ["model", "top1", "n", "normalize", "seconds", "checkpoint"]))
+    return result
+
+
+def evaluate(ckpt, data_dir=None, *, limit: int | None = None, batch_size: int = 500, download: bool = False,
+             progress: bool = True) -> dict:
+    """Top-1 (%) of a loaded checkpoint (PyTorch) on the first ``limit`` CIFAR-10 test images (all by default)."""
+    if limit is not None and limit <= 0:
+        raise SettingError("limit", "must be a positive number of images")
+    split = data.load_split(data_dir, "test", download=download).head(limit)
     t0 = time.perf_counter()
-    acc = top1(ckpt.model, split, ckpt.normalize, args.batch_size)
-    seconds = time.perf_counter() - t0
-    result = {
+    acc = top1(ckpt.model, split, ckpt.normalize, batch_size, progress=progress)
+    return {
         "model": ckpt.model_name,
         "checkpoint": ckpt.path,
         "normalize": ckpt.normalize,
         "top1": round(acc, 2),
         "n": len(split),
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    print(console.table([result], ["model", "top1", "n", "normalize", "seconds", "checkpoint"]))
-    return result

@@ -7,27 +7,26 @@ in fp32 and in int8. The pruned checkpoint is ``--pruned``; without one the base
 
 Per stage: top-1 on the CIFAR-10 test set measured on a compiled artifact (the faster per image of the two built;
 the same number ``eval --artifact`` prints for it), MACs and parameters (counted on the compiled Relax IR, from the
-manifest), file size (model.so) and weight bytes, batch-1 latency and batch-64 throughput with TVM's
-time_evaluator. Written to ``--out``: report.md, report.json, accuracy_vs_flops.png, latency_per_stage.png, and
-the artifacts (``artifacts/``) and any one-shot pruned checkpoint they came from.
+manifest), file size (model.so) and weight bytes, batch-1 latency and batch-64 throughput (the TVM engine of
+:mod:`compiler.engines`). Written to ``--out``: report.md, report.json, accuracy_vs_flops.png,
+latency_per_stage.png (:mod:`compiler.render`), and the artifacts (``artifacts/``) and any one-shot pruned
+checkpoint they came from.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime
-import io
 import json
-import shlex
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from compiler import bench, cli, console, data, fileio, precision
-from compiler.errors import UserError
+from compiler import cli, console, data, fileio, precision, render
+from compiler.build import BuildSettings, QuantSettings
+from compiler.engines import Timing
+from compiler.errors import SettingError, UserError
 
 STAGES = (  # (stage, which checkpoint, precision)
     ("baseline", "dense", "fp32"),
@@ -36,6 +35,54 @@ STAGES = (  # (stage, which checkpoint, precision)
 )
 FILES = ("report.md", "report.json", "accuracy_vs_flops.png", "latency_per_stage.png")
 REPORT_FORMAT = "cifar-hybrid-compiler/report"
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What report builds and measures; validated when made."""
+
+    out: str | Path
+    models: tuple[str, ...] = ()  # default: those shipped in compiler/zoo, else resnet56
+    checkpoints: tuple[str | Path, ...] = ()  # one per model, in order (default: the shipped one)
+    pruned: tuple[str | Path, ...] = ()  # one per model, in order (default: prune the baseline one-shot here)
+    normalize: str | None = None
+    data: str | Path | None = None
+    download: bool = False
+    target: str = "host"
+    limit_test: int | None = None
+    flops_reduction: float = 0.5
+    timing: Timing = Timing()  # batch-1 latency
+    throughput: Timing = Timing(repeat=3, number=1, warmup=1)  # warmup: at most 1 at the throughput batch
+    throughput_batch: int = 64
+    threads: int | None = None
+    quant: QuantSettings = QuantSettings()
+    command: str | None = None  # what report.json records as the command
+
+    def __post_init__(self):
+        from compiler import models
+
+        object.__setattr__(self, "models", tuple(models.check_name(n) for n in (self.models or _default_models())))
+        BuildSettings(target=self.target, batch=1)
+        from compiler.build import check_batch
+
+        check_batch(self.throughput_batch, "throughput_batch")
+        if self.limit_test is not None and self.limit_test <= 0:
+            raise SettingError("limit_test", "must be a positive number of images")
+        if not 0.0 < self.flops_reduction < 1.0:
+            raise SettingError("flops_reduction", f"must be a fraction in (0, 1), got {self.flops_reduction}")
+        if self.threads is not None and self.threads <= 0:
+            raise SettingError("threads", "must be positive")
+        for name in ("checkpoints", "pruned"):
+            given = tuple(getattr(self, name) or ())
+            object.__setattr__(self, name, given)
+            if len(given) > len(self.models):
+                raise SettingError(name.rstrip("s"), f"lists {len(given)} for {len(self.models)} model(s): give one per model")
+        import targets
+
+        spec = targets.get(self.target)
+        if spec.kind != "cpu" or spec.cross_compiled:
+            raise SettingError("target", f"{self.target} does not run here, and report measures on this machine "
+                                         "(use host)")
 
 
 def configure(p) -> None:
@@ -71,31 +118,6 @@ def configure(p) -> None:
     cli.add_json_arg(p)
 
 
-def _check_args(args) -> None:
-    for flag in ("repeat", "number", "throughput_batch", "throughput_repeat", "throughput_number"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    from compiler.build import check_batch
-
-    check_batch(args.throughput_batch, "--throughput-batch")
-    if args.warmup < 0:
-        raise UserError("--warmup must be 0 or more")
-    if args.limit_test is not None and args.limit_test <= 0:
-        raise UserError("--limit-test must be a positive number of images")
-    if not 0.0 < args.flops_reduction < 1.0:
-        raise UserError(f"--flops-reduction must be a fraction in (0, 1), got {args.flops_reduction}")
-    for flag in ("checkpoint", "pruned"):
-        given = getattr(args, flag) or []
-        if len(given) > len(args.models):
-            raise UserError(f"{len(given)} --{flag} for {len(args.models)} model(s): give one per --models entry")
-    import targets
-
-    spec = targets.get(args.target)
-    if spec.kind != "cpu" or spec.cross_compiled:
-        raise UserError(f"report measures on this machine: --target {args.target} does not run here "
-                        "(use host)")
-
-
 def is_report_dir(folder: Path) -> bool:
     """A folder `report` wrote (its report.json), or one holding only what report writes (an interrupted run)."""
     try:
@@ -123,45 +145,38 @@ def _slug(stage: str) -> str:
 # checkpoints
 
 
-def prune_one_shot(name: str, checkpoint: str, normalize: str, args, out: Path) -> str:
-    """``prune --flops-reduction R --finetune-epochs 0`` (l1, BN re-estimation) into ``out``; its path."""
-    from compiler.prune import cli as prune_cli
+def prune_one_shot(base, s: ReportSettings, out: Path) -> str:
+    """A one-shot prune of ``base`` (l1, BN re-estimation, no fine-tuning) into ``out``; its path."""
+    from compiler.prune.job import PruneSettings, prune
 
-    p = cli._Parser(prog="prune")
-    prune_cli.configure(p)
-    argv = ["--model", name, "--checkpoint", str(checkpoint), "--normalize", normalize,
-            "--flops-reduction", str(args.flops_reduction), "--finetune-epochs", "0", "--out", str(out)]
-    if args.data:
-        argv += ["--data", str(args.data)]
-    if args.limit_test:
-        argv += ["--limit-test", str(args.limit_test)]
+    settings = PruneSettings(flops_reduction=s.flops_reduction, out=out, finetune_epochs=0, data=s.data,
+                             limit_test=s.limit_test)
     if out.exists():  # our own file from an earlier report: prune afresh (the baseline may have changed)
         out.unlink()
-    with contextlib.redirect_stdout(io.StringIO()):
-        prune_cli.run(p.parse_args(argv))
+    prune(base, settings, progress=False)
     return str(out)
 
 
-def resolve(args) -> list[dict]:
-    """Per model: name, baseline Checkpoint, pruned checkpoint path (or None: prune here), or a skip note."""
-    from compiler import models, zoo
-    from compiler.compare import check_dense, pruned_for
+def resolve(s: ReportSettings) -> list[dict]:
+    """Per model: name, baseline Checkpoint, pruned Checkpoint (or None: prune here); models without a baseline
+    are skipped with a warning."""
+    from compiler import zoo
+    from compiler.pair import check_dense, pruned_for
 
-    names = [models.check_name(n) for n in args.models]  # an unknown name is a mistake, not a skip
     plans, errors = [], []
-    for i, name in enumerate(names):
-        ck_path = (args.checkpoint or [])[i] if i < len(args.checkpoint or []) else None
-        pr_path = (args.pruned or [])[i] if i < len(args.pruned or []) else None
+    for i, name in enumerate(s.models):
+        ck_path = s.checkpoints[i] if i < len(s.checkpoints) else None
+        pr_path = s.pruned[i] if i < len(s.pruned) else None
         try:
-            base = zoo.load(name, ck_path, args.normalize)
+            base = zoo.load(name, ck_path, s.normalize, quiet=True)
         except UserError as e:
             if ck_path is not None:
                 raise
             errors.append(f"{name}: {e}")
             continue
         check_dense(base)
-        pruned = pruned_for(base, pr_path, args.normalize)
-        plans.append({"model": base.model_name, "baseline": base, "pruned": pruned})
+        plans.append({"model": base.model_name, "baseline": base,
+                      "pruned": pruned_for(base, pr_path, s.normalize, quiet=True)})
     if not plans:
         raise UserError("no model has a baseline checkpoint (" + "; ".join(errors) + ")")
     for e in errors:
@@ -173,52 +188,52 @@ def resolve(args) -> list[dict]:
 # measuring
 
 
-def _evaluate(folder: Path, args) -> dict:
-    """What ``eval --artifact folder --data ... [--limit K]`` computes (the same function, its table muted)."""
-    from compiler import artifact
-
-    ns = argparse.Namespace(artifact=str(folder), data=args.data, download=False, limit=args.limit_test,
-                            batch_size=500)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return artifact.evaluate(ns)
-
-
 def _kernels(manifest: dict) -> str:
     t = manifest.get("tuning") or {}
     return f"tuned {t.get('tasks_applied')}/{t.get('tasks')}" if t.get("database") else "untuned"
 
 
-def measure_stage(plan: dict, stage: str, kind: str, prec: str, args, out: Path, first_images) -> dict:
-    from compiler import artifact, threads
-    from compiler.compare import build_artifact, normalized, tuning_note
+def build_stage(plan: dict, stage: str, kind: str, prec: str, s: ReportSettings, out: Path) -> dict:
+    """The stage's artifacts at batch 1 and at the throughput batch: ``{batch: folder}``."""
+    from compiler.compare import build_artifact
 
     ck = plan["baseline"] if kind == "dense" else plan["pruned"]
-    name = plan["model"]
     folders = {}
-    for batch in sorted({1, args.throughput_batch}):
-        folder = out / "artifacts" / f"{name}-{_slug(stage)}-b{batch}"
-        with contextlib.redirect_stdout(io.StringIO()):
-            build_artifact(plan["pruned_path"] if kind == "pruned" else ck.path, name, prec, batch, folder,
-                           data_dir=args.data, normalize=ck.normalize, calib_images=args.calib_images,
-                           calibration=args.calibration, keep_fp32=args.keep_fp32, target=args.target)
+    for batch in sorted({1, s.throughput_batch}):
+        folder = out / "artifacts" / f"{plan['model']}-{_slug(stage)}-b{batch}"
+        build_artifact(ck, prec, batch, folder, data_dir=s.data, quant=s.quant, target=s.target)
         folders[batch] = folder
-    exe1, m1 = artifact.load_local(folders[1])
-    if args.threads:
-        threads.set_tvm(args.threads)
-    x = normalized(first_images, ck.normalize)
-    lat = bench.time_tvm(exe1, 1, args.repeat, args.number, args.warmup, x=x[:1])
-    tb = args.throughput_batch
-    exe_t, m_t = artifact.load_local(folders[tb])
-    if args.threads:
-        threads.set_tvm(args.threads)
-    xt = x[np.resize(np.arange(len(x)), tb)]
-    thr = bench.time_tvm(exe_t, tb, args.throughput_repeat, args.throughput_number, min(args.warmup, 1), x=xt)
+    return folders
+
+
+def time_stage(folders: dict, s: ReportSettings, x: np.ndarray) -> tuple[dict, dict, dict, dict]:
+    """Batch-1 latency and throughput-batch stats, and the two manifests."""
+    from compiler.engines.tvm import TVM
+
+    tb = s.throughput_batch
+    lat_engine = TVM(folders[1])  # at the thread count its build recorded, unless threads are given
+    lat_engine.prepare(s.threads or 0)
+    lat = lat_engine.time(x[:1], s.timing)
+    thr_engine = TVM(folders[tb])
+    thr_engine.prepare(s.threads or 0)
+    thr = thr_engine.time(x[np.resize(np.arange(len(x)), tb)], s.throughput)
+    return lat, thr, lat_engine.manifest, thr_engine.manifest
+
+
+def measure_stage(plan: dict, stage: str, kind: str, prec: str, s: ReportSettings, out: Path, first_images) -> dict:
+    from compiler import artifact
+    from compiler.compare import normalized
+    from compiler.engines.tvm import tuning_note
+
+    ck = plan["baseline"] if kind == "dense" else plan["pruned"]
+    folders = build_stage(plan, stage, kind, prec, s, out)
+    lat, thr, m1, m_t = time_stage(folders, s, normalized(first_images, ck.normalize))
+    tb = s.throughput_batch
     per_image = {1: lat["median_ms"], tb: thr["median_ms"] / tb}
     acc_batch = min(per_image, key=lambda b: (per_image[b], b))
-    acc = _evaluate(folders[acc_batch], args)
-    so = folders[1] / m1["artifact"]["file"]
+    acc = artifact.evaluate(folders[acc_batch], s.data, limit=s.limit_test, progress=False)
     return {
-        "model": name,
+        "model": plan["model"],
         "stage": stage,
         "precision": m1["precision"],
         "top1": acc["top1"],
@@ -226,7 +241,7 @@ def measure_stage(plan: dict, stage: str, kind: str, prec: str, args, out: Path,
         "macs": m1["flops"]["compiled"],
         "macs_dense": m1["flops"]["dense"],
         "params": m1["params"]["compiled"],
-        "so_bytes": so.stat().st_size,
+        "so_bytes": (folders[1] / m1["artifact"]["file"]).stat().st_size,
         "weight_bytes": m1["weight_bytes"]["compiled"],
         "latency_ms": lat["median_ms"],
         "latency_p90_ms": lat["p90_ms"],
@@ -240,215 +255,116 @@ def measure_stage(plan: dict, stage: str, kind: str, prec: str, args, out: Path,
         "accuracy_artifact": str(folders[acc_batch]),
         "accuracy_seconds": acc["seconds"],
         "artifacts": {str(b): str(f) for b, f in folders.items()},
-        "checkpoint": str(plan["pruned_path"] if kind == "pruned" else ck.path),
+        "checkpoint": str(ck.path),
         "max_abs_diff_vs_pytorch": m1["verification"]["max_abs_diff"],
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# output
+def peer_rows(plan: dict, s: ReportSettings, counts: list[int]) -> list[dict]:
+    """compare's CPU peers at batch 1 on the plan's dense and pruned models: PyTorch eager (fp32), ONNX Runtime
+    and OpenVINO (fp32, and the pruned model's static int8 QDQ), each at its fastest thread count."""
+    import tempfile
+
+    from compiler.compare import CompareSettings, bench_for, onnx_engine_rows, onnx_files, pytorch_rows
+
+    cs = CompareSettings(data=s.data, batch=1, timing=s.timing, threads=s.threads, quant=s.quant)
+    b = bench_for(plan["baseline"], plan["pruned"], cs, 1, counts)
+    with tempfile.TemporaryDirectory(prefix="report-onnx-") as work:
+        b.work = Path(work)
+        rows = pytorch_rows(b) + onnx_files(b, plan["model"], s.data, s.quant)
+        rows += onnx_engine_rows(b, "onnxruntime") + onnx_engine_rows(b, "openvino")
+    return rows
 
 
-def table_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for r in rows:
-        out.append({
-            "model": r["model"],
-            "stage": r["stage"] + (" (one-shot, no fine-tuning)" if r.get("one_shot") else ""),
-            "top-1 %": r["top1"],
-            "test images": r["n_test"],
-            "MMACs": round(r["macs"] / 1e6, 2),
-            "params": r["params"],
-            "model.so MB": round(r["so_bytes"] / 1e6, 3),
-            "weights MB": round(r["weight_bytes"] / 1e6, 3),
-            "b1 latency ms": r["latency_ms"],
-            f"b{r['throughput_batch']} img/s": r["throughput_ips"],
-            f"kernels b1 / b{r['throughput_batch']}": f"{r['kernels_b1']} / {r['kernels_throughput']}",
-        })
-    return out
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |",
-             "| " + " | ".join("---:" if isinstance(rows[0][c], (int, float)) else "---" for c in cols) + " |"]
-    for r in rows:
-        lines.append("| " + " | ".join(console._fmt(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def plot_accuracy_vs_flops(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
-    markers = {"baseline": "o", "pruned": "s", "pruned + int8": "^"}
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        ax.plot([r["macs"] / 1e6 for r in mine], [r["top1"] for r in mine], ":", color="grey", lw=1)
-        for r in mine:
-            ax.scatter(r["macs"] / 1e6, r["top1"], marker=markers.get(r["stage"], "o"), s=60, zorder=3,
-                       label=f"{model} {r['stage']}")
-            ax.annotate(f"{r['top1']:.2f}", (r["macs"] / 1e6, r["top1"]), textcoords="offset points",
-                        xytext=(6, -10 if "int8" in r["stage"] else 4), fontsize=8)
-    n = sorted({r["n_test"] for r in rows})
-    ax.set_xlabel("MMACs per image (compiled)")
-    ax.set_ylabel(f"top-1 % (compiled artifact, {'/'.join(f'{k:,}' for k in n)} test images)")
-    ax.set_title("accuracy vs FLOPs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def plot_latency(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4.3), dpi=100)
-    bars = a1.bar(range(len(rows)), [r["latency_ms"] for r in rows], color="tab:blue")
-    a1.bar_label(bars, fmt="%.3g", fontsize=8)
-    a1.set_ylabel("batch-1 latency, median ms (lower is better)")
-    bars = a2.bar(range(len(rows)), [r["throughput_ips"] for r in rows], color="tab:green")
-    a2.bar_label(bars, fmt="%.4g", fontsize=8)
-    a2.set_ylabel(f"batch-{rows[0]['throughput_batch']} throughput, images/s (higher is better)")
-    for a, kernels in ((a1, "kernels_b1"), (a2, "kernels_throughput")):
-        a.set_xticks(range(len(rows)), [f"{r['model']}\n{r['stage']}\n({r[kernels]})" for r in rows], fontsize=8)
-        a.grid(axis="y", alpha=0.3)
-    fig.suptitle("latency and throughput per stage (TVM, this machine)")
-    fig.tight_layout()
-    with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def write_markdown(result: dict, shown: list[dict], path: Path) -> None:
-    m = result["machine"]
-    rows = result["rows"]
-    n = sorted({r["n_test"] for r in rows})
-    lines = [
-        f"# Report: {', '.join(dict.fromkeys(r['model'] for r in rows))} - baseline, pruned, pruned + int8",
-        "",
-        f"Made by `python -m compiler report` on {result['created']} in {result['seconds']:.0f} s.",
-        "",
-        "    " + result["command"],
-        "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['platform']}; load average (1/5/15 min) "
-        f"{m.get('load_average_1_5_15')} at the start, {result['machine_at_end'].get('load_average_1_5_15')} at "
-        f"the end; TVM threads: " + (f"TVM_NUM_THREADS={m['tvm_num_threads_env']} (set by the user)"
-                                     if m.get("tvm_num_threads_env") else
-                                     "each artifact's recorded fastest count (manifest runtime.threads)") + ". "
-        f"TVM {result['versions']['tvm']}, torch {result['versions']['torch']}, target `{result['target']}`.",
-        "",
-        markdown_table(shown),
-        "",
-        "- top-1: measured on the compiled artifact (the faster one per image of the batch-1 and the "
-        f"batch-{rows[0]['throughput_batch']} build; `accuracy_artifact` in report.json; `eval --artifact` on it "
-        "prints the same) on " + (f"the first {'/'.join(f'{k:,}' for k in n)} CIFAR-10 test images (--limit-test: "
-                                  "not the full test set)." if result["limit_test"] else
-                                  f"all {'/'.join(f'{k:,}' for k in n)} CIFAR-10 test images."),
-        "- MMACs: millions of multiply-accumulates per image, counted on the compiled Relax IR (after pruned "
-        "channels are stripped); params likewise. int8 changes neither.",
-        "- model.so MB: the compiled library's file size; weights MB: bytes of the constants in the compiled IR "
-        "(int8 weights take a quarter).",
-        f"- b1 latency: median of {result['timing']['repeat']} runs x {result['timing']['number']} calls "
-        f"(TVM time_evaluator, {result['timing']['warmup']} warm-up); "
-        f"b{rows[0]['throughput_batch']} img/s: batch / median of {result['timing']['throughput_repeat']} runs x "
-        f"{result['timing']['throughput_number']} call(s).",
-        "- kernels: `tuned a/b` where a MetaSchedule database from tuning_logs/ applied to a of b kernels of that "
-        "build (batch 1 / throughput batch), else `untuned` (TVM's default schedules; `python -m compiler tune` "
-        "makes them faster). Tuning is per shape, batch included.",
-    ]
-    for note in result["notes"]:
-        lines.append(f"- **{note}**")
-    lines += ["", "![accuracy vs FLOPs](accuracy_vs_flops.png)", "",
-              "![latency per stage](latency_per_stage.png)", ""]
-    fileio.write_text(path, "\n".join(lines))
+def with_peer(row: dict, peers: list[dict], kind: str) -> dict:
+    """``row`` with the fastest CPU peer on the same model (any engine, any precision) and TVM's speed-up on it."""
+    got = [p for p in peers if p["available"] and p["model"] == kind]
+    best = min(got, key=lambda p: p["median_ms"]) if got else None
+    return {**row, "peers_b1_ms": {f"{p['engine']} {p['precision']}": p["median_ms"] for p in got},
+            "best_peer": f"{best['engine']} {best['precision']}" if best else None,
+            "best_peer_ms": best["median_ms"] if best else None,
+            "vs_best_peer": round(best["median_ms"] / row["latency_ms"], 2) if best else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the verb
+# the orchestration
 
 
-def run(args) -> dict:
-    import torch
-    import tvm
-
+def _pruned_here(plan: dict, s: ReportSettings, out: Path) -> str:
+    """Prune the plan's baseline one-shot (its pruned checkpoint becomes the plan's); the note saying so."""
     from compiler import checkpoint
-    from compiler.compare import machine, thread_counts
 
-    args.models = args.models or _default_models()
-    _check_args(args)
-    thread_counts(args.threads)  # validates --threads; sizes TVM's pool before anything runs
-    t_start = time.perf_counter()
-    start_machine = machine()
-    out = Path(args.out).expanduser().resolve()
-    fileio.check_output(out, is_ours=is_report_dir, what="report of this project (with its report.json)",
-                        inputs=(*(args.checkpoint or []), *(args.pruned or []), args.data))
-    plans = resolve(args)
-    test = data.load_split(args.data, "test", download=args.download)  # fail early without data
-    first_images = test.images[:max(1, min(len(test), args.throughput_batch))]
-    precision.calibration_images(args.data, plans[0]["baseline"].normalize, 1)  # int8 needs training images
-    out.mkdir(parents=True, exist_ok=True)
+    name, base = plan["model"], plan["baseline"]
+    path = prune_one_shot(base, s, out / f"{name}-pruned-oneshot.pt")
+    plan["pruned"] = checkpoint.load_checkpoint(path, name, s.normalize)
+    return (f"{name}: no --pruned given, so the pruned stages are the baseline pruned here ONE-SHOT "
+            f"(l1, {s.flops_reduction:.0%} of the FLOPs, BN re-estimated, NO fine-tuning): their "
+            f"accuracy is not what fine-tuning reaches ({path})")
 
-    notes, rows = [], []
-    steps = console.progress(total=len(plans) * len(STAGES), desc="report", unit="stage", leave=False)
-    for plan in plans:
-        name, base = plan["model"], plan["baseline"]
-        one_shot = plan["pruned"] is None
-        if one_shot:
-            steps.set_postfix_str(f"{name}: one-shot prune")
-            plan["pruned_path"] = prune_one_shot(name, base.path, base.normalize, args,
-                                                 out / f"{name}-pruned-oneshot.pt")
-            note = (f"{name}: no --pruned given, so the pruned stages are the baseline pruned here ONE-SHOT "
-                    f"(l1, {args.flops_reduction:.0%} of the FLOPs, BN re-estimated, NO fine-tuning): their "
-                    f"accuracy is not what fine-tuning reaches ({plan['pruned_path']})")
-            console.warn(note)
-            notes.append(note)
-            plan["pruned"] = checkpoint.load_checkpoint(plan["pruned_path"], name, args.normalize)
-        else:
-            plan["pruned_path"] = plan["pruned"].path
-        for stage, kind, prec in STAGES:
-            steps.set_postfix_str(f"{name}: {stage}")
-            row = measure_stage(plan, stage, kind, prec, args, out, first_images)
-            row["one_shot"] = one_shot and kind == "pruned"
-            rows.append(row)
-            steps.update()
-    steps.close()
 
+def stage_notes(rows: list[dict], s: ReportSettings, n_test: int) -> list[str]:
+    notes = []
     for r in rows:  # a tuned batch-1 build beside an untuned batch-N one: say why batching looks slower
         if r["throughput_ips"] < 1e3 / r["latency_ms"] and r["kernels_b1"] != r["kernels_throughput"]:
             notes.append(f"{r['model']} {r['stage']}: batch-{r['throughput_batch']} throughput "
                          f"({r['throughput_ips']:g} img/s) is below the batch-1 rate "
                          f"({1e3 / r['latency_ms']:.1f} img/s = 1000 / {r['latency_ms']:g} ms): the batch-1 build is "
-                         f"{r['kernels_b1']}, the "
-                         f"batch-{r['throughput_batch']} build {r['kernels_throughput']}")
-    if args.limit_test:
-        notes.append(f"top-1 on the first {args.limit_test:,} test images only (--limit-test), not all "
-                     f"{len(test):,}")
-    shown = table_rows(rows)
-    title = "report: top-1 on the compiled artifacts; MACs/params counted on the compiled IR; TVM on this machine"
-    print(console.table(shown, title=title))
-    for note in notes:
-        print(f"note: {note}")
+                         f"{r['kernels_b1']}, the batch-{r['throughput_batch']} build {r['kernels_throughput']}")
+    if s.limit_test:
+        notes.append(f"top-1 on the first {s.limit_test:,} test images only (--limit-test), not all {n_test:,}")
+    return notes
+
+
+def report(s: ReportSettings, *, progress: bool = True) -> dict:
+    """Build and measure every stage of every model; report.md, report.json and the plots written into
+    ``s.out``; the result (``rows``, ``notes``, what it ran on)."""
+    import torch
+    import tvm
+
+    from compiler.compare import machine, thread_counts
+
+    counts = thread_counts(s.threads)  # sizes TVM's pool before anything runs
+    t_start, start_machine = time.perf_counter(), machine()
+    out = Path(s.out).expanduser().resolve()
+    fileio.check_output(out, is_ours=is_report_dir, what="report of this project (with its report.json)",
+                        inputs=(*s.checkpoints, *s.pruned, s.data))
+    plans = resolve(s)
+    test = data.load_split(s.data, "test", download=s.download)  # fail early without data
+    first_images = test.images[:max(1, min(len(test), s.throughput_batch))]
+    precision.calibration_images(s.data, plans[0]["baseline"].normalize, 1)  # int8 needs training images
+    out.mkdir(parents=True, exist_ok=True)
+    notes, rows = [], []
+    steps = console.progress(total=len(plans) * len(STAGES), desc="report", unit="stage", leave=False,
+                             disable=not progress or None)
+    for plan in plans:
+        one_shot = plan["pruned"] is None
+        if one_shot:
+            steps.set_postfix_str(f"{plan['model']}: one-shot prune")
+            notes.append(_pruned_here(plan, s, out))
+            console.warn(notes[-1])
+        steps.set_postfix_str(f"{plan['model']}: CPU peers")
+        peers = peer_rows(plan, s, counts)  # before this model's TVM runs (its threads keep spinning)
+        notes += [f"{plan['model']}: {p['engine']} {p['reason']}" for p in peers if not p["available"]]
+        for stage, kind, prec in STAGES:
+            steps.set_postfix_str(f"{plan['model']}: {stage}")
+            row = {**measure_stage(plan, stage, kind, prec, s, out, first_images),
+                   "one_shot": one_shot and kind == "pruned"}
+            rows.append(with_peer(row, peers, kind))
+            steps.update()
+    steps.close()
+    notes += stage_notes(rows, s, len(test))
     result = {
         "format": REPORT_FORMAT,
         "out": str(out),
-        "target": args.target,
-        "command": "python -m compiler report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if sys.argv[1:2] == ["report"] else "python -m compiler report (called in-process)",
+        "target": s.target,
+        "command": s.command or "python -m compiler report (called in-process)",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "limit_test": args.limit_test,
-        "timing": {"repeat": args.repeat, "number": args.number, "warmup": args.warmup,
-                   "throughput_batch": args.throughput_batch, "throughput_repeat": args.throughput_repeat,
-                   "throughput_number": args.throughput_number},
-        "calibration": {"images": args.calib_images, "method": args.calibration, "keep_fp32": args.keep_fp32},
+        "limit_test": s.limit_test,
+        "timing": {"repeat": s.timing.repeat, "number": s.timing.number, "warmup": s.timing.warmup,
+                   "throughput_batch": s.throughput_batch, "throughput_repeat": s.throughput.repeat,
+                   "throughput_number": s.throughput.number},
+        "calibration": {"images": s.quant.calib_images, "method": s.quant.calibration,
+                        "keep_fp32": ",".join(s.quant.keep_fp32)},
         "flops_unit": "multiply-accumulates per image, counted on the compiled Relax IR",
         "versions": {"tvm": tvm.__version__, "torch": torch.__version__},
         "machine": start_machine,
@@ -456,11 +372,45 @@ def run(args) -> dict:
         "rows": rows,
         "files": [str(out / f) for f in FILES],
     }
-    plot_accuracy_vs_flops(rows, out / "accuracy_vs_flops.png")
-    plot_latency(rows, out / "latency_per_stage.png")
+    write_files(result, out, t_start)
+    return result
+
+
+def write_files(result: dict, out: Path, t_start: float) -> None:
+    """The plots, report.md and report.json (``machine_at_end`` and ``seconds`` are added to ``result``)."""
+    from compiler.compare import machine
+
+    rows = result["rows"]
+    render.plot_accuracy_vs_flops(rows, out / "accuracy_vs_flops.png")
+    render.plot_latency(rows, out / "latency_per_stage.png")
     result["machine_at_end"] = machine()
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    write_markdown(result, shown, out / "report.md")
+    fileio.write_text(out / "report.md", render.report_markdown(result, render.report_rows(rows)))
     fileio.write_json(out / "report.json", result)
-    print(f"wrote {', '.join(str(out / f) for f in FILES)}")
+
+
+def throughput_timing(args) -> Timing:
+    try:
+        return Timing(args.throughput_repeat, args.throughput_number, min(args.warmup, 1))
+    except SettingError as e:  # its flags are --throughput-repeat and --throughput-number
+        raise SettingError(f"throughput_{e.field}", e.problem) from None
+
+
+def run(args) -> dict:
+    from compiler.build import quant_from
+
+    s = ReportSettings(
+        out=args.out, models=tuple(args.models or ()), checkpoints=tuple(args.checkpoint or ()),
+        pruned=tuple(args.pruned or ()), normalize=args.normalize, data=args.data, download=args.download,
+        target=args.target, limit_test=args.limit_test, flops_reduction=args.flops_reduction,
+        timing=Timing(args.repeat, args.number, args.warmup),
+        throughput=throughput_timing(args),
+        throughput_batch=args.throughput_batch, threads=args.threads, quant=quant_from(args),
+        command=getattr(args, "_command", None))
+    result = report(s)
+    print(console.table(render.report_rows(result["rows"]), title="report: top-1 on the compiled artifacts; "
+                        "MACs/params counted on the compiled IR; TVM on this machine"))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(result['files'])}")
     return result

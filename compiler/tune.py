@@ -23,10 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import cli, console, data, fileio, precision, tuning, zoo
-from compiler.errors import UserError
+from compiler.build import BuildSettings, QuantSettings
+from compiler.errors import SettingError, UserError
 
 TRACKER_TIMEOUT_S = 5.0  # connecting to / asking the tracker; an unreachable tracker fails within this
 BUILD_TIMEOUT_S = 120.0  # one candidate's compile (the worker's start-up is not counted)
@@ -446,11 +448,11 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     from tvm.s_tir.meta_schedule.tune import tune_tasks
 
     if trials <= 0:
-        raise UserError("--trials must be positive")
+        raise SettingError("trials", "must be positive")
     if population is not None and population < 2:
-        raise UserError("--population must be at least 2")
+        raise SettingError("population", "must be at least 2")
     if (tracker is None) != (key is None):
-        raise UserError("--tracker and --key go together")
+        raise SettingError("tracker", "and key go together")
     if tracker is None and not _runs_here(spec):
         raise UserError(f"{spec.name} code cannot run on this machine: measure it on the board through a TVM RPC "
                         "tracker with --tracker HOST:PORT --key KEY (see tuning_logs/README.md)")
@@ -663,51 +665,100 @@ def _local_cores() -> int:
     return tuning._physical_cores()
 
 
-def load_model(args):
+def load_model(model: str | None, checkpoint: str | None, normalize: str | None = None):
     """The checkpoint as build loads it (shipped default, else untrained weights with a warning)."""
     import torch
 
     try:
-        return zoo.load(args.model, args.checkpoint, args.normalize), None
+        return zoo.load(model, checkpoint, normalize), None
     except UserError:
-        if args.checkpoint is not None:
+        if checkpoint is not None:
             raise
         from compiler.checkpoint import Checkpoint
         from compiler.models import build_model
 
-        name = args.model or zoo.DEFAULT_MODEL
+        name = model or zoo.DEFAULT_MODEL
         torch.manual_seed(0)
         note = (f"no trained {name} is shipped yet: tuning an untrained {name} (kernel shapes do not depend on "
                 "weights; a pruned checkpoint strips to other shapes, so tune that one with --checkpoint)")
         print(f"warning: {note}", file=sys.stderr)
-        return Checkpoint(name, build_model(name).eval(), args.normalize or data.DEFAULT_NORMALIZATION), note
+        return Checkpoint(name, build_model(name).eval(), normalize or data.DEFAULT_NORMALIZATION), note
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """What ``tune`` measures and where; the lowering settings are build's, so the module tuned is the one built."""
+
+    target: str
+    trials: int
+    precision: str = "auto"
+    batch: int = 1
+    data: str | Path | None = None
+    quant: QuantSettings = QuantSettings()
+    log_dir: str | Path | None = None  # default tuning_logs/<target>/<model>-<variant>/
+    tracker: str | None = None  # HOST:PORT of a TVM RPC tracker (default: measure on this machine)
+    key: str | None = None
+    timeout: float = 30.0
+    trials_per_iter: int | None = None
+    num_cores: int | None = None
+    population: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        BuildSettings(target=self.target, precision=self.precision, batch=self.batch)  # the same checks
+        if self.trials <= 0:
+            raise SettingError("trials", "must be positive")
+        if (self.tracker is None) != (self.key is None):
+            raise SettingError("tracker", "and key go together")
+
+
+def tune(ckpt, settings: TuneSettings, *, untrained_note: str | None = None, progress: bool = True) -> dict:
+    """Lower ``ckpt`` exactly as build does and tune its kernels (see :func:`tune_module` for the result)."""
+    import targets
+
+    from compiler.build import lower
+
+    spec = targets.get(settings.target)
+    prec, _why = precision.choose(settings.precision, spec)
+    q = settings.quant
+    lowered = lower(ckpt.model, settings.batch, prec, spec, data_dir=settings.data, normalize=ckpt.normalize,
+                    calib_images=q.calib_images, calibration=q.calibration, keep=q.keep_fp32,
+                    untrained=untrained_note is not None)  # exactly as build calls it
+    return tune_module(lowered.module, spec, ckpt.model_name, prec, settings.batch, settings.trials,
+                       directory=settings.log_dir, tracker=settings.tracker, key=settings.key,
+                       timeout=settings.timeout, trials_per_iter=settings.trials_per_iter,
+                       num_cores=settings.num_cores, seed=settings.seed, population=settings.population,
+                       show_progress=progress)
 
 
 def run(args) -> dict:
-    import targets
+    from compiler.build import quant_from
 
-    from compiler.build import check_batch, lower, parse_keep
-
-    spec = targets.get(args.target)
-    check_batch(args.batch)
+    settings = TuneSettings(target=args.target, trials=args.trials, precision=args.precision, batch=args.batch,
+                            data=args.data, quant=quant_from(args), log_dir=args.log_dir, tracker=args.tracker,
+                            key=args.key, timeout=args.timeout, trials_per_iter=args.trials_per_iter,
+                            num_cores=args.num_cores, population=args.population, seed=args.seed)
     if args.log_dir is not None:
         check_log_dir(Path(args.log_dir), args.checkpoint, args.data)  # before the model is loaded and lowered
-    if args.trials <= 0:
-        raise UserError("--trials must be positive")
-    if (args.tracker is None) != (args.key is None):
-        raise UserError("--tracker and --key go together")
     if args.tracker is not None:
         check_tracker(args.tracker, args.key)  # fail fast, before the model is loaded
-    ckpt, note = load_model(args)
-    prec, _why = precision.choose(args.precision, spec)
-    lowered = lower(ckpt.model, args.batch, prec, spec, data_dir=args.data, normalize=ckpt.normalize,
-                    calib_images=args.calib_images, calibration=args.calibration, keep=parse_keep(args.keep_fp32),
-                    untrained=note is not None)  # exactly as build calls it
-    mod = lowered.module
-    result = tune_module(mod, spec, ckpt.model_name, prec, args.batch, args.trials, directory=args.log_dir,
-                         tracker=args.tracker, key=args.key, timeout=args.timeout,
-                         trials_per_iter=args.trials_per_iter, num_cores=args.num_cores, seed=args.seed,
-                         population=args.population)
+    ckpt, note = load_model(args.model, args.checkpoint, args.normalize)
+    result = tune(ckpt, settings, untrained_note=note)
+    render(result)
+    out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
+                                  "trials_total", "tasks_in_db")}
+    out["tasks"] = len(result["tasks"])
+    if result.get("timing_note"):
+        out["timing_note"] = result["timing_note"]
+        print(f"note: measured on an {result['timing_note']}")
+    out["task_rows"] = result["tasks"]
+    if note:
+        out["note"] = note
+    return out
+
+
+def render(result: dict) -> None:
+    """The per-task table and the database summary."""
     rows = [dict(r) for r in result["tasks"]]
     measured = [r for r in rows if r["best_ms"] is not None]
     # every kernel measured: the weighted sum of the best kernel times estimates the model's latency
@@ -720,13 +771,3 @@ def run(args) -> dict:
     print(f"{result['trials']} trials in {result['seconds']:.0f} s; the database now holds "
           f"{result['trials_total']} records for {result['tasks_in_db']} of {len(result['tasks'])} tasks "
           f"({result['seconds_total']:.0f} s of tuning in all): {result['log_dir']}")
-    out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
-                                  "trials_total", "tasks_in_db")}
-    out["tasks"] = len(result["tasks"])
-    if result.get("timing_note"):
-        out["timing_note"] = result["timing_note"]
-        print(f"note: measured on an {result['timing_note']}")
-    out["task_rows"] = result["tasks"]
-    if note:
-        out["note"] = note
-    return out

@@ -309,7 +309,7 @@ def run_artifact(folder: str | Path, images, manifest: dict, timeout: float | No
         return np.load(y_path), facts
 
 
-def evaluate(args) -> dict:
+def evaluate(artifact: str | Path, data_dir=None, *, limit: int | None = None, download: bool = False) -> dict:
     """``eval --artifact DIR --emulate``: top-1 of a board artifact run in the emulated board, and its max |diff|
     against PyTorch (the checkpoint the manifest names) on the same images."""
     import numpy as np
@@ -319,14 +319,14 @@ def evaluate(args) -> dict:
     from compiler.artifact import check_library, read_manifest
     from compiler.build import LIBRARY
 
-    folder = Path(args.artifact)
+    folder = Path(artifact)
     manifest = read_manifest(folder)
     if not _is_aarch64(manifest):
         raise UserError(f"{folder} was built for {manifest['target']['name']}, not for an aarch64 board; "
                         "--emulate runs aarch64 artifacts (targets aarch64-cpu, jetson-*): drop --emulate to run "
                         "it here")
     check_library(folder / LIBRARY, manifest)  # size and sha256, as for a local load
-    split = data.load_split(args.data, "test", download=args.download).head(args.limit)
+    split = data.load_split(data_dir, "test", download=download).head(limit)
     x = data.normalize(split.images, manifest["input"]["normalize"]).numpy()
     ensure()
     _say(f"running {len(x)} images through {manifest['target']['name']} {LIBRARY} in the emulated board "

@@ -74,7 +74,7 @@ def test_compare_rows_side_by_side(small, tmp_path):
                     ("onnxruntime", "pruned", "int8"),
                     ("tvm", "dense", "fp32"), ("tvm", "pruned", "fp32"), ("tvm", "pruned", "int8")}
     for r in rows:
-        assert r["engine"] in ("pytorch", "onnxruntime", "tvm", "tensorrt") and r["model"] in ("dense", "pruned")
+        assert r["engine"] in ("pytorch", "onnxruntime", "openvino", "tvm", "tensorrt") and r["model"] in ("dense", "pruned")
         if r["available"]:
             assert r["batch"] == 2 and 0 < r["median_ms"] <= r["p90_ms"] and r["speedup"] > 0
         else:
@@ -83,10 +83,26 @@ def test_compare_rows_side_by_side(small, tmp_path):
     assert base["speedup"] == 1.0
     best = out["best"]  # the fastest TVM pruned row against the fastest PyTorch / ONNX Runtime pruned row
     tvm_rows = [r["median_ms"] for r in rows if r["engine"] == "tvm" and r["model"] == "pruned" and r["available"]]
-    peers = [r["median_ms"] for r in rows if r["engine"] in ("pytorch", "onnxruntime") and r["model"] == "pruned"
-             and r["available"]]
+    peers = [r["median_ms"] for r in rows if r["engine"] in ("pytorch", "onnxruntime", "openvino")
+             and r["model"] == "pruned" and r["available"]]
     assert best["tvm"]["median_ms"] == min(tvm_rows) and best["peer"]["median_ms"] == min(peers)
     assert best["tvm_vs_best_peer"] == round(min(peers) / min(tvm_rows), 2)
+    assert set(best["goals"]) == {"tvm_vs_pytorch_dense >= 6", "tvm_vs_best_peer >= 1.5"}
+    for r in rows:  # vs_best_peer: relative to the fastest CPU peer on the row's own model
+        if r["available"]:
+            peer = min(p["median_ms"] for p in rows if p["available"] and p["model"] == r["model"]
+                       and p["engine"] in ("pytorch", "onnxruntime", "openvino"))
+            assert r["vs_best_peer"] == round(peer / r["median_ms"], 2), r
+    # OpenVINO: fp32 of both models and the same int8 QDQ model ONNX Runtime runs, or one row saying why not
+    ov = [r for r in rows if r["engine"] == "openvino"]
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        assert len(ov) == 1 and not ov[0]["available"] and "pip install openvino" in ov[0]["reason"]
+    else:
+        assert {(r["model"], r["precision"]) for r in ov if r["available"]} == {
+            ("dense", "fp32"), ("pruned", "fp32"), ("pruned", "int8")}
+        assert all(r["argmax_agree"] is not None and r["threads"] in threads.candidates() for r in ov)
     trt = [r for r in rows if r["engine"] == "tensorrt"]
     assert trt
     if not torch.cuda.is_available():
@@ -127,7 +143,20 @@ def test_report_writes_table_plots_and_matches_eval(small, tmp_path, capsys):
     assert rows[1]["macs"] < 0.6 * rows[0]["macs"] and rows[1]["macs"] == rows[2]["macs"]
     assert rows[2]["weight_bytes"] < rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
     assert all(r["n_test"] == 16 and r["latency_ms"] > 0 and r["throughput_ips"] > 0 for r in rows)
+    # the CPU peers at batch 1 on each stage's model (compare's rows): TVM's speed-up against the fastest one
+    for r in rows:
+        assert r["best_peer_ms"] == min(r["peers_b1_ms"].values()) > 0, r
+        assert r["vs_best_peer"] == round(r["best_peer_ms"] / r["latency_ms"], 2)
+    assert {"pytorch fp32", "onnxruntime fp32"} <= set(rows[0]["peers_b1_ms"])
+    assert "onnxruntime int8" in rows[2]["peers_b1_ms"] and "onnxruntime int8" not in rows[0]["peers_b1_ms"]
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        assert any("pip install openvino" in n for n in res["notes"])
+    else:
+        assert {"openvino fp32", "openvino int8"} <= set(rows[2]["peers_b1_ms"])
     md = (out_dir / "report.md").read_text()
+    assert "best CPU peer b1 ms" in md
     assert "ONE-SHOT" in md and "| resnet8 | baseline |" in md and "--limit-test" in md
     # the table's top-1 is what `eval --artifact` prints for the same artifact
     for r in (rows[0], rows[2]):

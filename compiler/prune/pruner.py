@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 from compiler.models import INPUT_SHAPE
 from compiler.prune.dependency import Graph
 
@@ -100,7 +100,7 @@ def allocate(graph: Graph, scores: dict[str, torch.Tensor], units: dict[str, int
     least important.
     """
     if not 0.0 < flops_reduction < 1.0:
-        raise UserError(f"--flops-reduction must be a fraction in (0, 1), got {flops_reduction}")
+        raise SettingError("flops_reduction", f"must be a fraction in (0, 1), got {flops_reduction}")
     consumers = graph.consumers()
     kept = {g.name: torch.ones(g.size, dtype=torch.bool) for g in graph.groups}
     outk = {m.conv: m.channels for g in graph.groups for m in g.members}
@@ -155,8 +155,8 @@ def allocate(graph: Graph, scores: dict[str, torch.Tensor], units: dict[str, int
                 best = (key, si, nxt, chans, saved)
         if best is None:
             reached = 1.0 - total / dense
-            raise UserError(f"cannot remove {flops_reduction:.0%} of the FLOPs: the floor (--floor {floor}) and "
-                            f"--round-to {round_to} allow at most {reached:.1%}")
+            raise UserError(f"cannot remove {flops_reduction:.0%} of the FLOPs: the floor ({floor}) and "
+                            f"the rounding to multiples of {round_to} allow at most {reached:.1%}")
         _, si, nxt, chans, saved = best
         seg = segs[si]
         seg["k"] = nxt
@@ -378,9 +378,9 @@ def prune(model: nn.Module, graph: Graph, scores: dict[str, torch.Tensor], flops
           round_to: int = 8, floor: float = 0.1, cost_aware: bool = True) -> Pruned:
     """Allocate, zero the removed channels of ``model`` in place, and count dense and shrunk FLOPs/params."""
     if round_to < 1:
-        raise UserError(f"--round-to must be at least 1, got {round_to}")
+        raise SettingError("round_to", f"must be at least 1, got {round_to}")
     if not 0.0 <= floor < 1.0:
-        raise UserError(f"--floor must be a fraction in [0, 1), got {floor}")
+        raise SettingError("floor", f"must be a fraction in [0, 1), got {floor}")
     flops_dense, params_dense = count(model)
     kept = allocate(graph, scores, mac_units(model, graph), flops_reduction, round_to, floor, cost_aware)
     masks = masks_from_kept(graph, kept)

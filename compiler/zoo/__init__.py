@@ -43,7 +43,7 @@ def default_checkpoint(model_name: str) -> Path:
     path = ZOO_DIR / f"{model_name}.pt"
     if not path.is_file():
         have = ", ".join(c["model"] for c in shipped()) or "none yet"
-        raise UserError(f"no trained {model_name} is shipped with the package (shipped: {have}); pass --checkpoint PATH")
+        raise UserError(f"no trained {model_name} is shipped with the package (shipped: {have}); give a checkpoint")
     return path
 
 

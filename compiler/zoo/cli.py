@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from compiler import checkpoint, cli, console, data, fileio, zoo
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 from compiler.fileio import atomic_path, sha256_file, write_json
 
 CARD_COLUMNS = ["model", "top1", "macs_cut_pct", "epochs", "train_hours", "trained_on", "storage", "bytes", "sha256"]
@@ -96,24 +96,28 @@ def _write_verification(dest: Path, model: torch.nn.Module, normalize: str, test
     return {"file": dest.name, "images": len(head), "from": f"the first {len(head)} CIFAR-10 test images"}
 
 
-def add(args) -> dict:
+def add(path: str | Path, data_dir=None, *, zoo_dir: Path = zoo.ZOO_DIR, license: str | Path | None = None,
+        provenance: str | None = None, force: bool = False, download: bool = False) -> dict:
+    """Ship the finished ``train`` / ``prune`` checkpoint at ``path`` as its model's default in ``zoo_dir``, with
+    its card (top-1 measured on the test set of ``data_dir``); ``{"added": card, "shipped": [cards]}``."""
     from compiler.evaluate import top1
 
-    src = checkpoint.load_checkpoint(args.add)
-    _check_finished(src, args.add)
-    if args.license is not None and not Path(args.license).is_file():
-        raise UserError(f"--license {args.license} is not a file")
-    dest = args.zoo_dir / f"{src.model_name}.pt"
-    if dest.exists() and not args.force:
-        raise UserError(f"a {src.model_name} is already shipped ({dest}); pass --force to replace it")
-    for path in (dest, dest.with_suffix(".json"), dest.with_suffix(".md"), dest.with_suffix(".LICENSE"),
-                 dest.with_name(dest.stem + zoo.VERIFY_SUFFIX)):  # --force replaces a shipped file, never a folder
-        fileio.check_output(path, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(args.add, args.data),
+    zoo_dir = Path(zoo_dir)
+    src = checkpoint.load_checkpoint(path)
+    _check_finished(src, path)
+    if license is not None and not Path(license).is_file():
+        raise SettingError("license", f"{license} is not a file")
+    dest = zoo_dir / f"{src.model_name}.pt"
+    if dest.exists() and not force:
+        raise SettingError("force", f"is off and a {src.model_name} is already shipped ({dest}): set it to replace that")
+    for out in (dest, dest.with_suffix(".json"), dest.with_suffix(".md"), dest.with_suffix(".LICENSE"),
+                dest.with_name(dest.stem + zoo.VERIFY_SUFFIX)):  # force replaces a shipped file, never a folder
+        fileio.check_output(out, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(path, data_dir),
                             what="shipped checkpoint")
-    args.zoo_dir.mkdir(parents=True, exist_ok=True)
-    test = data.load_split(args.data, "test", download=args.download)
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    test = data.load_split(data_dir, "test", download=download)
     acc32 = round(top1(src.model, test, src.normalize, desc="eval fp32"), 2)
-    with tempfile.TemporaryDirectory(dir=args.zoo_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=zoo_dir) as tmp:
         half_path = Path(tmp) / dest.name
         checkpoint.save_checkpoint(half_path, src.model_name, src.model, src.normalize, pruning=src.pruning,
                                    metrics=src.metrics, half=True)
@@ -133,16 +137,15 @@ def add(args) -> dict:
     if src.pruning:
         card["base"] = {"file": Path(str(src.pruning.get("source") or "")).name or None,
                         "sha256": src.pruning.get("source_sha256"), "top1": src.metrics.get("top1_before"),
-                        "provenance": args.provenance}
-    if args.license:
+                        "provenance": provenance}
+    if license:
         lic = dest.with_suffix(".LICENSE")
         with atomic_path(lic) as tmp:
-            shutil.copyfile(args.license, tmp)
+            shutil.copyfile(license, tmp)
         card.setdefault("base", {})["license_file"] = lic.name
     write_json(dest.with_suffix(".json"), card)
     fileio.write_text(dest.with_suffix(".md"), model_card_markdown(card))
-    print(console.table([card], CARD_COLUMNS, title="shipped"))
-    return {"added": card, "shipped": zoo.shipped(args.zoo_dir)}
+    return {"added": card, "shipped": zoo.shipped(zoo_dir)}
 
 
 def model_card_markdown(card: dict) -> str:
@@ -180,7 +183,10 @@ def run(args) -> dict:
     if not args.add and not args.zoo_dir.exists():
         raise UserError(f"--zoo-dir {args.zoo_dir} does not exist")
     if args.add:
-        return add(args)
+        result = add(args.add, args.data, zoo_dir=args.zoo_dir, license=args.license, provenance=args.provenance,
+                     force=args.force, download=args.download)
+        print(console.table([result["added"]], CARD_COLUMNS, title="shipped"))
+        return result
     cards = zoo.shipped(args.zoo_dir)
     if not cards:
         print(f"no checkpoint is shipped yet in {args.zoo_dir}: train one "
