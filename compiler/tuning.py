@@ -146,26 +146,7 @@ def variant_of(mod, precision: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the module MetaSchedule sees (the same passes targets.build runs before MetaScheduleApplyDatabase)
-
-
-def legalize(mod, target):
-    """Dispatch, legalize and fuse ``mod`` for ``target`` exactly as the build pipeline does before it applies a
-    database (so the PrimFuncs tuned here are the ones that build looks up), and as compile_relax does."""
-    import tvm
-    from tvm import relax
-
-    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    backend = relax.backend.cuda if target.kind.name == "cuda" else relax.backend.cpu_generic
-    with target:
-        seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ])
-        return seq(mod)
+# the TVM target MetaSchedule tunes for (the passes: targets.pipeline, the same as build's)
 
 
 def tune_target(spec, num_cores: int | None = None):
@@ -281,8 +262,10 @@ def summarize(directory: str | os.PathLike) -> dict:
     return out
 
 
-def open_database(directory: str | os.PathLike, create: bool = False, writer: bool = False):
-    """A MetaSchedule JSONDatabase on ``directory``.
+def open_database(directory, create: bool = False, writer: bool = False):
+    """A MetaSchedule JSONDatabase on ``directory`` (a tuning-log folder; a Database object is returned as is):
+    the one way this project opens a database. The CPU tensor intrinsics are registered first: int8 records
+    tensorize with them, so loading and replaying their traces needs them.
 
     ``writer`` (tune, holding the folder's lock): the files are repaired in place first, and ``create`` makes
     them when missing. Readers (build) never touch the files - they may be committed, or a tune may be
@@ -293,15 +276,17 @@ def open_database(directory: str | os.PathLike, create: bool = False, writer: bo
 
     from tvm.s_tir import meta_schedule as ms
 
+    from targets.build import register_tensor_intrinsics
+
+    register_tensor_intrinsics()
+    if isinstance(directory, ms.database.Database):
+        return directory
     directory = Path(directory)
     if create:
         directory.mkdir(parents=True, exist_ok=True)
     elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
     source, scratch = directory, None
-    from targets.build import register_tensor_intrinsics
-
-    register_tensor_intrinsics()  # int8 records tensorize with them: loading their traces needs them registered
     if writer:
         repair(directory)
     elif repair(directory, dry_run=True)["needed"]:
@@ -499,11 +484,11 @@ def tasks_applied(mod, spec, database) -> dict:
     import tvm_ffi
     from tvm import relax, tirx
 
-    from targets.build import open_database as as_database
+    from targets.pipeline import pipeline
 
     target = spec.tvm_target()
-    legal = legalize(mod, target)
-    database = as_database(database)  # registers the tensor intrinsics the traces replay with
+    legal = pipeline(spec).legalize(target)(mod)  # the same passes the build runs before applying a database
+    database = open_database(database)  # registers the tensor intrinsics the traces replay with
     with target, database:
         applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
     seen: dict[int, tuple[str, bool]] = {}
