@@ -271,7 +271,7 @@ def build(args) -> dict:
             raise UserError(f"the shipped {ckpt.model_name} does not reproduce its recorded logits (max |diff| "
                             f"{float(np.abs(ref - stored).max()):.3g}): the package's compiler/zoo files are "
                             "damaged; reinstall it")
-    runs_here = spec.kind == "cpu" and not spec.cross_compiled
+    runs_here = spec.kind == "cpu" and not spec.cross_compiled and targets.runs_here(spec)
     host = spec if runs_here else targets.get("host")
     runnable = executable if runs_here else targets.compile_module(mod, host)
     got = run_module(runnable, x.numpy(), args.batch)
@@ -300,7 +300,7 @@ def build(args) -> dict:
             "version": 1,
             "model": ckpt.model_name,
             "target": {"name": spec.name, "tvm": spec.target_json(), "kind": spec.kind,
-                       "cross_compiled": spec.cross_compiled},
+                       "cross_compiled": spec.cross_compiled, "cpu_features": spec.required_cpu_features()},
             "precision": prec,
             "precision_reason": prec_reason,
             "input": {"name": "x", "shape": [args.batch, 3, 32, 32], "dtype": "float32", "layout": "NCHW",

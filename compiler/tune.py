@@ -489,7 +489,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         session = {"started": tuning._now(), "trials": 0, "seconds": 0.0,
                    "runner": (f"rpc {tracker} key {key} ({servers} server(s))" + (" [emulated board]" if emulated
                                                                                   else "")) if tracker else "local",
-                   "target": tuning._target_dict(target), "completed": False}
+                   "target": tuning._target_dict(target), "completed": False,
+                   "measured_on": None if tracker else _this_cpu()}
         meta["sessions"] = [*meta.get("sessions", []), session]
         if emulated:
             session["timing_note"] = meta["timing_note"] = emulated["note"]
@@ -579,7 +580,9 @@ def _runs_here(spec) -> bool:
     if spec.cross_compiled:
         return False
     if spec.kind == "cpu":
-        return True
+        import targets
+
+        return targets.runs_here(spec)  # an x86 class above this CPU's cannot be measured here
     try:
         import tvm
 
@@ -658,6 +661,16 @@ def _emulated_server(tracker: str, key: str) -> dict | None:
         return emulated_server(tracker, key)
     except Exception:  # noqa: BLE001 - no emulated board: a real one
         return None
+
+
+def _this_cpu() -> str:
+    """Where a local runner measures: this CPU's model, LLVM name and x86 class (a class target may be tuned on a
+    CPU of a higher class: AVX2 code runs on an AVX-512 CPU)."""
+    import targets
+
+    host = targets.get("host")
+    cls = targets.host_class()
+    return f"{console.cpu_name()} (-mcpu={host.device.get('mcpu')}{', ' + cls if cls else ''})"
 
 
 def _local_cores() -> int:
