@@ -114,6 +114,13 @@ def auto_precision(class_name: str | None) -> tuple[str, str]:
                         f"({MEASURED.name}), so int8")
     fp32, int8 = float(row["fp32_ms"]), float(row["int8_ms"])
     pick = "int8" if int8 <= fp32 else "fp32"
-    return pick, (f"measured on {class_name} ({row.get('model')}, batch {row.get('batch')}, tuned, "
-                  f"{row.get('where')}): int8 {int8:.3g} ms vs fp32 {fp32:.3g} ms, so {pick} "
+    tuned = row.get("tuned") or {}
+
+    def kernels(p: str) -> str:
+        if p not in tuned:
+            return ""
+        return " (untuned)" if tuned[p] == "untuned" else f" ({tuned[p]} kernels tuned)"
+
+    return pick, (f"measured on {class_name} ({row.get('model')}, batch {row.get('batch')}, {row.get('where')}): "
+                  f"int8 {int8:.3g} ms{kernels('int8')} vs fp32 {fp32:.3g} ms{kernels('fp32')}, so {pick} "
                   f"({fp32 / int8 if pick == 'int8' else int8 / fp32:.2f}x; tuning_logs/{MEASURED.name})")

@@ -169,17 +169,18 @@ def test_pipeline_per_target_and_precision():
 # ---------------------------------------------------------------- committed databases still apply
 
 
-@pytest.mark.parametrize("prec,folder,least", [("fp32", "resnet56-fp32-7cb8e576", 18),
-                                                ("int8", "resnet56-int8-0d67b7c2", 27)])
-def test_committed_database_covers_what_build_makes_of_the_shipped_model(prec, folder, least):
+@pytest.mark.parametrize("target,prec,folder,least", [("host", "fp32", "resnet56-fp32-7cb8e576", 18),
+                                                       ("host", "int8", "resnet56-int8-0d67b7c2", 27),
+                                                       ("x86-64-v3", "int8", "resnet56-int8-810cd591", 27)])
+def test_committed_database_covers_what_build_makes_of_the_shipped_model(target, prec, folder, least):
     """build's module for the shipped (pruned) ResNet56 finds its committed database and the coverage check (the
     same legalize passes the build runs) finds every kernel tuned but, for int8, the classifier's quantize, whose
     scale is inlined (another calibration: the random one here)."""
     from compiler import tuning, zoo
     from compiler.build import lower
 
-    spec = targets.get("host")
-    meta = tuning.read_meta(tuning.DEFAULT_ROOT / "host" / folder)
+    spec = targets.get(target)
+    meta = tuning.read_meta(tuning.DEFAULT_ROOT / target / folder)
     how, why_not = tuning.target_match(meta, spec)
     if why_not:
         pytest.skip(f"the committed database is not for this CPU: {why_not}")

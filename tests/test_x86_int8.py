@@ -189,3 +189,21 @@ def test_records_of_a_class_serve_host_and_the_class_target(tmp_path):
     assert db is not None and "tuned as host on -mcpu=znver4" in info["match"], info
     db, info = tuning.find_database(targets.get("x86-64-v4"), "resnet56", "int8-1", root=root)
     assert db is None and "untuned" in info["note"]
+
+
+def test_auto_precision_follows_the_measured_numbers(tmp_path, monkeypatch):
+    import json
+
+    got, why = x86.auto_precision("x86-64-v3")  # the committed measurements
+    row = x86.measured("x86-64-v3")
+    assert row is not None and got == ("int8" if row["int8_ms"] <= row["fp32_ms"] else "fp32")
+    assert f"int8 {row['int8_ms']:.3g} ms" in why and f"fp32 {row['fp32_ms']:.3g} ms" in why
+    measured = tmp_path / "x86_precision.json"
+    measured.write_text(json.dumps({"format": x86.MEASURED_FORMAT, "model": "m", "batch": 1, "classes": {
+        "x86-64-v4": {"fp32_ms": 1.0, "int8_ms": 2.0, "where": "a Skylake-SP"}}}))
+    monkeypatch.setattr(x86, "MEASURED", measured)
+    got, why = x86.auto_precision("x86-64-v4")
+    assert got == "fp32" and "int8 2 ms vs fp32 1 ms, so fp32" in why  # slower int8 is not picked
+    got, why = x86.auto_precision("x86-64-v3")
+    assert got == "int8" and "not measured" in why
+    assert x86.auto_precision(None)[0] == "fp32"
