@@ -26,7 +26,8 @@ MANIFEST_SCHEMA = {
         "model": _STR,
         "precision": _STR,
         "target": {"type": "object", "required": ["name", "kind", "cross_compiled"],
-                   "properties": {"name": _STR, "kind": _STR, "cross_compiled": {"type": "boolean"}}},
+                   "properties": {"name": _STR, "kind": _STR, "cross_compiled": {"type": "boolean"},
+                                  "cpu_features": {"type": ["array", "null"], "items": _STR}}},
         "input": {"type": "object", "required": ["shape", "normalize"],
                   "properties": {"shape": {"type": "array", "minItems": 4, "maxItems": 4,
                                            "prefixItems": [{"type": "integer", "minimum": 1},
@@ -124,10 +125,20 @@ def check_library(lib: Path, manifest: dict) -> None:
 
 
 def check_runs_here(folder: str | Path, manifest: dict) -> None:
-    """A clear error unless the artifact was built for this machine's CPU."""
-    if manifest["target"]["cross_compiled"] or manifest["target"]["kind"] != "cpu":
-        raise UserError(f"{folder} was built for {manifest['target']['name']}, which this machine cannot run; "
+    """A clear error unless the artifact was built for this machine's CPU: a CPU target, and (x86) every CPU
+    feature its code needs in this CPU's /proc/cpuinfo flags (an x86-64-v4 artifact on an AVX2-only CPU is refused
+    here, before its code could stop the process with SIGILL)."""
+    from targets import x86
+
+    target = manifest["target"]
+    if target["cross_compiled"] or target["kind"] != "cpu":
+        raise UserError(f"{folder} was built for {target['name']}, which this machine cannot run; "
                         "run it on the board (see deploy/README.md) or build with --target host")
+    missing = x86.missing_features(target.get("cpu_features") or [])
+    if missing:
+        raise UserError(f"{folder} was built for {target['name']}, whose code needs CPU features this CPU lacks: "
+                        f"{', '.join(missing)} (not in /proc/cpuinfo); build it for this CPU's class "
+                        f"(--target host or `python -m compiler targets`)")
 
 
 def load_local(folder: str | Path):

@@ -159,18 +159,24 @@ class Lowered:
 def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=None, normalize="cifar",
           calib_images: int = precision.DEFAULT_CALIB_IMAGES, calibration: str = precision.DEFAULT_CALIBRATION,
           keep=precision.DEFAULT_KEEP, untrained: bool = False) -> Lowered:
-    """Import (BN folded) -> strip zeroed channels -> precision (int8: calibrated on training images)."""
+    """Import -> the graph passes of :func:`targets.pipeline.pipeline` for ``spec`` and ``prec``: BN folded, zeroed
+    channels stripped, precision (int8: calibrated on training images). tune lowers with this function too."""
     from compiler import frontend
-    from passes.strip_zero_channels import strip_zero_channels
+    from passes import reports
+    from passes.strip_zero_channels import report_of
+    from targets.pipeline import pipeline
 
+    fp32 = pipeline(spec, "fp32").fp32()  # fold BN + strip: the same passes for every precision
     dense = frontend.import_model(model, batch)
-    stripped, strip_report = strip_zero_channels(dense)
+    stripped = fp32(dense)
+    strip_report = report_of(stripped)
+    stripped = reports.strip_all(stripped)
     kwargs, calib_desc = {}, None
     if precision.needs_calibration(prec):
         images, calib_desc = precision.calibration_images(data_dir, normalize, calib_images, allow_random=untrained)
         kwargs = {"calib_images": images, "spec": spec, "method": calibration, "keep": keep}
         if batch < 64:  # calibrate on the same IR at a larger batch: far fewer runs of the untuned fp32 module
-            kwargs["calib_mod"] = strip_zero_channels(frontend.import_model(model, 64))[0]
+            kwargs["calib_mod"] = fp32(frontend.import_model(model, 64))
     module, quant_report = precision.apply_with_report(stripped, prec, **kwargs)
     return Lowered(dense, stripped, module, strip_report, quant_report, calib_desc)
 
@@ -313,7 +319,7 @@ def verify(ckpt, mod, executable, spec, prec: str, settings: BuildSettings) -> d
             raise UserError(f"the shipped {ckpt.model_name} does not reproduce its recorded logits (max |diff| "
                             f"{float(np.abs(ref - stored).max()):.3g}): the package's compiler/zoo files are "
                             "damaged; reinstall it")
-    runs_here = spec.kind == "cpu" and not spec.cross_compiled
+    runs_here = spec.kind == "cpu" and not spec.cross_compiled and targets.runs_here(spec)
     host = spec if runs_here else targets.get("host")
     runnable = executable if runs_here else targets.compile_module(mod, host)
     got = run_module(runnable, v.x.numpy(), settings.batch)
@@ -364,7 +370,7 @@ def manifest_for(ckpt, spec, settings: BuildSettings, lowered: Lowered, facts: d
         "version": 1,
         "model": ckpt.model_name,
         "target": {"name": spec.name, "tvm": spec.target_json(), "kind": spec.kind,
-                   "cross_compiled": spec.cross_compiled},
+                   "cross_compiled": spec.cross_compiled, "cpu_features": spec.required_cpu_features()},
         "precision": facts["precision"],
         "precision_reason": facts["precision_reason"],
         "input": {"name": "x", "shape": [batch, 3, 32, 32], "dtype": "float32", "layout": "NCHW",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import tvm
-from tvm import relax
 from tvm.relax.frontend.torch import from_exported_program
 
 from compiler.models import INPUT_SHAPE
@@ -43,10 +42,7 @@ def import_model(model: torch.nn.Module, batch: int | None = 1) -> tvm.IRModule:
 
 
 def fold_batchnorm(mod: tvm.IRModule) -> tvm.IRModule:
-    """Safety net for a BatchNorm the fuser did not see: fold it in Relax, else lower it to arithmetic."""
-    seq = tvm.transform.Sequential([
-        relax.transform.FoldBatchnormToConv2D(),
-        relax.transform.DecomposeOpsForInference(),  # a BatchNorm no conv2d precedes becomes plain arithmetic
-        relax.transform.FoldConstant(),
-    ])
-    return seq(mod)
+    """Safety net for a BatchNorm the fuser did not see: :class:`passes.fold_batchnorm.FoldBatchnorm`."""
+    from passes.fold_batchnorm import FoldBatchnorm
+
+    return FoldBatchnorm()(mod)

@@ -4,9 +4,13 @@
 
 ``fp32``          as imported
 ``fp16``          Relax's ToMixedPrecision: fp16 storage and arithmetic, float32 at the boundary
-``int8``          :func:`passes.quantize.quantize`: int8 conv2d/matmul with int32 accumulation, calibrated activation
-                  scales (needs calibration images: :func:`calibration_images`), the first layer kept fp32
-``int8-weights``  fp16 compute with int8-stored weights (:func:`passes.quantize.quantize_weights`): the TX2's format
+``int8``          :class:`passes.quantize.Quantize`: int8 conv2d/matmul with int32 accumulation, calibrated activation
+                  scales (needs calibration images: :func:`calibration_images`), the first layer kept fp32; on x86
+                  the conv2d layers packed for the CPU's int8 dot products (:class:`passes.int8_layout.Int8Layout`)
+``int8-weights``  fp16 compute with int8-stored weights (:class:`passes.quantize_weights.QuantizeWeights`): the TX2's
+                  format
+
+The passes come from :func:`targets.pipeline.pipeline` (the one list build and tune share).
 
 Use :func:`apply_with_report` to get the quantization report the manifest records; :func:`apply` returns the module
 alone.
@@ -77,21 +81,21 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
                       spec=None, method: str = DEFAULT_CALIBRATION, keep=DEFAULT_KEEP,
                       percentile: float | None = None, calib_mod: tvm.IRModule | None = None,
                       ) -> tuple[tvm.IRModule, dict | None]:
-    """``mod`` in ``precision``, and the quantization report (None for fp32 / fp16).
+    """``mod`` (fp32, stripped) in ``precision`` by the precision passes of :func:`targets.pipeline.pipeline`, and
+    the quantization report (None for fp32 / fp16).
 
     int8: ``calib_images`` (float32 NCHW, normalized: :func:`calibration_images`) are run through the fp32 ``mod``
-    on this CPU; ``spec`` (the build target) chooses the activation signedness (uint8 on x86 VNNI, int8 elsewhere);
-    ``method`` one of :data:`CALIBRATION_METHODS`; ``keep`` the layers left fp32 (``first``, ``last``, layer names
-    such as ``conv2d3``, or ``none``); ``calib_mod``: the same fp32 IR at a larger batch to run the calibration on
-    (faster than ``mod`` at batch 1; its layers must match ``mod``'s)."""
-    if precision == "fp32":
-        return mod, None
-    if precision == "fp16":
-        return _fp16(mod), None
+    on this CPU; ``spec`` (the build target) chooses the activation signedness and the int8 layout (uint8 and
+    packed on x86, int8 NCHW elsewhere); ``method`` one of :data:`CALIBRATION_METHODS`; ``keep`` the layers left
+    fp32 (``first``, ``last``, layer names such as ``conv2d3``, or ``none``); ``calib_mod``: the same fp32 IR at a
+    larger batch to run the calibration on (faster than ``mod`` at batch 1; its layers must match ``mod``'s)."""
     from passes import quantize as q
+    from passes import reports
+    from targets.pipeline import pipeline
 
-    if precision == "int8-weights":
-        return q.quantize_weights(_fp16(mod), "float16")
+    if precision not in AVAILABLE:
+        raise UserError(f"precision {precision} is not implemented")
+    calibration, overrides = None, {}
     if precision == "int8":
         if calib_images is None:
             raise UserError("precision int8 needs calibration images (compiler.precision.calibration_images)")
@@ -100,27 +104,20 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
         overrides = {"method": method, "keep": tuple(keep)}
         if percentile is not None:
             overrides["percentile"] = percentile
-        config = q.config_for(spec, **overrides) if spec is not None else q.QuantConfig(**overrides)
-        try:
-            cal = q.calibrate(calib_mod if calib_mod is not None else mod, calib_images)
-            return q.quantize(mod, cal, config)
-        except ValueError as e:
-            raise UserError(f"int8 quantization: {e}") from None
-    raise UserError(f"precision {precision} is not implemented")
+    try:
+        passes = pipeline(spec, precision, **overrides)
+        if precision == "int8":
+            calibration = q.calibrate(calib_mod if calib_mod is not None else mod, calib_images)
+        out = passes.precision_passes(calibration)(mod)
+    except ValueError as e:
+        raise UserError(f"int8 quantization: {e}") from None
+    report = q.report_of(out) if precision in ("int8", "int8-weights") else None
+    return reports.strip_all(out), report
 
 
 def apply(mod: tvm.IRModule, precision: str, **kwargs) -> tvm.IRModule:
     """``mod`` in ``precision`` (see :func:`apply_with_report` for the keyword arguments int8 needs)."""
     return apply_with_report(mod, precision, **kwargs)[0]
-
-
-def _fp16(mod: tvm.IRModule) -> tvm.IRModule:
-    # fp16 storage and arithmetic (the TX2's fast path); inputs and logits stay float32 at the boundary
-    # FoldConstant turns the casts of constant weights into fp16 constants: half the bytes in the module
-    from tvm import relax
-
-    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-    return relax.transform.FoldConstant()(mod)
 
 
 # verification tolerance on the logits, relative to max(1, their largest magnitude); int8 also checks the argmax

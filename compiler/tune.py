@@ -336,16 +336,14 @@ def _progress_callback(progress: _Progress):
 
 
 def space_for(prec: str, target):
-    """The design space generator: int8 on an AVX-512 VNNI CPU tries vpdpbusd-tensorized candidates for the packed
-    int8 conv2d kernels (:func:`passes.vnni.space_generator`: TVM 0.27's LLVM defaults have no VNNI rule); every
-    other case MetaSchedule's default for the target. build applies such a database the same way (the intrinsic is
-    registered before MetaScheduleApplyDatabase replays the traces: targets.build)."""
-    if prec == "int8":
-        from passes import vnni
+    """The design space generator (:meth:`targets.pipeline.Pipeline.space`): int8 on an x86 CPU with int8 dot
+    products tries candidates tensorized with its intrinsics (VNNI vpdpbusd; AVX-512 / AVX2 vpmaddubsw) for the
+    packed int8 conv2d kernels (TVM 0.27's LLVM defaults have no such rule); every other case MetaSchedule's
+    default for the target. build applies such a database the same way (the intrinsics are registered before
+    MetaScheduleApplyDatabase replays the traces: compiler.tuning.open_database)."""
+    from targets.pipeline import Pipeline
 
-        if vnni.target_has_vnni(target):
-            return vnni.space_generator()
-    return "post-order-apply"
+    return Pipeline(None, prec).space(target)
 
 
 def _preload_tensor_intrinsics(spec) -> None:
@@ -447,6 +445,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks, extracted_tasks_to_tune_contexts
     from tvm.s_tir.meta_schedule.tune import tune_tasks
 
+    from targets.pipeline import pipeline
+
     if trials <= 0:
         raise SettingError("trials", "must be positive")
     if population is not None and population < 2:
@@ -471,7 +471,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     if meta is not None or has_db:
         tuning.check_meta(meta, directory, spec, model_name, variant)  # refuse another target / model / variant
 
-    legal = tuning.legalize(mod, target)
+    passes = pipeline(spec, prec)  # the passes build runs: the kernels tuned are the kernels built
+    legal = passes.legalize(target)(mod)
     extracted = extract_tasks(legal, target)
     if not extracted:
         raise UserError("the module has no kernels to tune")
@@ -482,7 +483,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         strategy = "evolutionary" if population is None else ms.search_strategy.EvolutionarySearch(
             population_size=population, init_min_unmeasured=min(50, population))
         contexts, weights = extracted_tasks_to_tune_contexts(extracted, work_dir=str(directory), strategy=strategy,
-                                                             seed=seed, space=space_for(prec, target))
+                                                             seed=seed, space=passes.space(target))
         names = [c.task_name for c in contexts]
         if meta is None:
             meta = tuning.new_meta(spec, target, model_name, variant, prec, batch, tuning.shape_signature(mod),
@@ -490,7 +491,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         session = {"started": tuning._now(), "trials": 0, "seconds": 0.0,
                    "runner": (f"rpc {tracker} key {key} ({servers} server(s))" + (" [emulated board]" if emulated
                                                                                   else "")) if tracker else "local",
-                   "target": tuning._target_dict(target), "completed": False}
+                   "target": tuning._target_dict(target), "completed": False,
+                   "measured_on": None if tracker else _this_cpu()}
         meta["sessions"] = [*meta.get("sessions", []), session]
         if emulated:
             session["timing_note"] = meta["timing_note"] = emulated["note"]
@@ -580,7 +582,9 @@ def _runs_here(spec) -> bool:
     if spec.cross_compiled:
         return False
     if spec.kind == "cpu":
-        return True
+        import targets
+
+        return targets.runs_here(spec)  # an x86 class above this CPU's cannot be measured here
     try:
         import tvm
 
@@ -659,6 +663,16 @@ def _emulated_server(tracker: str, key: str) -> dict | None:
         return emulated_server(tracker, key)
     except Exception:  # noqa: BLE001 - no emulated board: a real one
         return None
+
+
+def _this_cpu() -> str:
+    """Where a local runner measures: this CPU's model, LLVM name and x86 class (a class target may be tuned on a
+    CPU of a higher class: AVX2 code runs on an AVX-512 CPU)."""
+    import targets
+
+    host = targets.get("host")
+    cls = targets.host_class()
+    return f"{console.cpu_name()} (-mcpu={host.device.get('mcpu')}{', ' + cls if cls else ''})"
 
 
 def _local_cores() -> int:

@@ -146,26 +146,7 @@ def variant_of(mod, precision: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the module MetaSchedule sees (the same passes targets.build runs before MetaScheduleApplyDatabase)
-
-
-def legalize(mod, target):
-    """Dispatch, legalize and fuse ``mod`` for ``target`` exactly as the build pipeline does before it applies a
-    database (so the PrimFuncs tuned here are the ones that build looks up), and as compile_relax does."""
-    import tvm
-    from tvm import relax
-
-    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    backend = relax.backend.cuda if target.kind.name == "cuda" else relax.backend.cpu_generic
-    with target:
-        seq = tvm.transform.Sequential(backend.library_dispatch_passes(target) + [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ])
-        return seq(mod)
+# the TVM target MetaSchedule tunes for (the passes: targets.pipeline, the same as build's)
 
 
 def tune_target(spec, num_cores: int | None = None):
@@ -281,8 +262,10 @@ def summarize(directory: str | os.PathLike) -> dict:
     return out
 
 
-def open_database(directory: str | os.PathLike, create: bool = False, writer: bool = False):
-    """A MetaSchedule JSONDatabase on ``directory``.
+def open_database(directory, create: bool = False, writer: bool = False):
+    """A MetaSchedule JSONDatabase on ``directory`` (a tuning-log folder; a Database object is returned as is):
+    the one way this project opens a database. The CPU tensor intrinsics are registered first: int8 records
+    tensorize with them, so loading and replaying their traces needs them.
 
     ``writer`` (tune, holding the folder's lock): the files are repaired in place first, and ``create`` makes
     them when missing. Readers (build) never touch the files - they may be committed, or a tune may be
@@ -293,15 +276,17 @@ def open_database(directory: str | os.PathLike, create: bool = False, writer: bo
 
     from tvm.s_tir import meta_schedule as ms
 
+    from targets.build import register_tensor_intrinsics
+
+    register_tensor_intrinsics()
+    if isinstance(directory, ms.database.Database):
+        return directory
     directory = Path(directory)
     if create:
         directory.mkdir(parents=True, exist_ok=True)
     elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
     source, scratch = directory, None
-    from targets.build import register_tensor_intrinsics
-
-    register_tensor_intrinsics()  # int8 records tensorize with them: loading their traces needs them registered
     if writer:
         repair(directory)
     elif repair(directory, dry_run=True)["needed"]:
@@ -402,15 +387,40 @@ def _norm_target(target_json: dict) -> dict:
     return out
 
 
-def target_match(meta: dict, spec) -> tuple[str | None, str | None]:
-    """``(how, why_not)``: how ``meta``'s target fits ``spec`` (``"exact"``, or ``"same ISA class ..."`` for an x86
-    CPU target tuned on another CPU of the same class: :data:`targets.X86_CLASSES`), or why it does not."""
+def _x86_class(spec_name: str, target_json: dict) -> str | None:
+    """The x86-64 class of a CPU target (``host`` or an ``x86-64-v*`` class target) from its TVM target JSON."""
     import targets
 
+    if spec_name != "host" and not spec_name.startswith("x86-64-v"):
+        return None
+    if target_json.get("kind") != "llvm" or "mtriple" in target_json:
+        return None
+    mattr = target_json.get("mattr")
+    features = None
+    if mattr:  # a class target: LLVM's features of -mcpu plus -mattr
+        import tvm
+        from tvm.target import codegen
+
+        try:
+            features = frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target_json)))
+        except Exception:  # noqa: BLE001 - an unknown CPU name
+            return None
+    return targets.cpu_class(target_json.get("mcpu"), features)
+
+
+def target_match(meta: dict, spec) -> tuple[str | None, str | None]:
+    """``(how, why_not)``: how ``meta``'s target fits ``spec`` (``"exact"``, or ``"same ISA class ..."`` for an x86
+    CPU target tuned on another CPU of the same class, :data:`targets.X86_CLASSES` - ``host`` and the class targets
+    ``x86-64-v*`` share records of one class), or why it does not."""
     got = meta.get("target", {})
-    if got.get("name") != spec.name:
-        return None, f"it was tuned for target '{got.get('name')}', not '{spec.name}'"
     theirs, ours = _norm_target(got.get("tvm", {})), _norm_target(spec.target_json())
+    name = str(got.get("name"))
+    if name != spec.name:
+        cls = _x86_class(spec.name, ours)
+        if cls is None or _x86_class(name, theirs) != cls:
+            return None, f"it was tuned for target '{name}', not '{spec.name}'"
+        return (f"same ISA class {cls}: tuned as {name} on -mcpu={theirs.get('mcpu')}, this build is {spec.name} "
+                f"-mcpu={ours.get('mcpu')} (the schedules apply; the timings were measured there)"), None
     if theirs == ours:
         return "exact", None
     why = (f"it was tuned for {spec.name} as {_describe(got.get('tvm', {}))}, but {spec.name} here is "
@@ -418,11 +428,26 @@ def target_match(meta: dict, spec) -> tuple[str | None, str | None]:
     if ({k: v for k, v in theirs.items() if k != "mcpu"} != {k: v for k, v in ours.items() if k != "mcpu"}
             or ours.get("kind") != "llvm" or "mtriple" in ours):
         return None, why
-    cls_theirs, cls_ours = targets.cpu_class(theirs.get("mcpu")), targets.cpu_class(ours.get("mcpu"))
+    cls_theirs, cls_ours = _x86_class(name, theirs), _x86_class(spec.name, ours)
     if cls_ours is None or cls_theirs != cls_ours:
         return None, f"{why} (ISA class {cls_theirs or 'unknown'} vs {cls_ours or 'unknown'})"
     return (f"same ISA class {cls_ours}: tuned on -mcpu={theirs.get('mcpu')}, this CPU is "
             f"-mcpu={ours.get('mcpu')} (the schedules apply; the timings were measured there)"), None
+
+
+def class_dirs(spec, model_name: str, variant: str, root=None) -> list:
+    """Where records of ``spec``'s x86 class may also live: the class target's folder for ``host``
+    (``tuning_logs/x86-64-v3/...`` on an AVX2 CPU), ``host``'s folder for a class target."""
+    import targets
+
+    if spec.name == "host":
+        cls = targets.host_class()
+        names = [cls] if cls else []
+    elif spec.name.startswith("x86-64-v"):
+        names = ["host"]
+    else:
+        names = []
+    return [log_dir(n, model_name, variant, root) for n in names]
 
 
 def target_mismatch(meta: dict, spec) -> str | None:
@@ -467,6 +492,12 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     directory = Path(explicit_dir) if explicit else log_dir(spec.name, model_name, variant, root)
     info = {"path": None, "sha256": None, "tasks_in_db": 0, "records": 0, "trials": 0, "seconds": 0.0,
             "note": None}
+    if not explicit and not directory.is_dir():  # records of the same x86 class under the other name
+        for other in class_dirs(spec, model_name, variant, root):
+            meta = read_meta(other) if (other / META_FILE).is_file() else None
+            if meta is not None and target_match(meta, spec)[1] is None:
+                directory = other
+                break
     if not directory.is_dir():
         if explicit:
             raise UserError(f"tuning log {directory} does not exist")
@@ -499,11 +530,11 @@ def tasks_applied(mod, spec, database) -> dict:
     import tvm_ffi
     from tvm import relax, tirx
 
-    from targets.build import open_database as as_database
+    from targets.pipeline import pipeline
 
     target = spec.tvm_target()
-    legal = legalize(mod, target)
-    database = as_database(database)  # registers the tensor intrinsics the traces replay with
+    legal = pipeline(spec).legalize(target)(mod)  # the same passes the build runs before applying a database
+    database = open_database(database)  # registers the tensor intrinsics the traces replay with
     with target, database:
         applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
     seen: dict[int, tuple[str, bool]] = {}

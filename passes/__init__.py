@@ -1,12 +1,26 @@
-"""Relax IR passes of the compiler: physical removal of pruned channels, and cost counting on the IR."""
+"""Relax IR passes of the compiler, one a file, each a ``tvm.transform`` module pass; reports travel as module
+attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per target and precision.
+
+    FoldBatchnorm      passes/fold_batchnorm.py       BatchNorm into conv2d, constants folded
+    StripZeroChannels  passes/strip_zero_channels.py  physical removal of pruned (provably zero) channels
+    Quantize           passes/quantize.py             calibrated int8 compute (NCHW)
+    QuantizeWeights    passes/quantize_weights.py     int8-stored weights, fp16 compute
+    Int8Layout         passes/int8_layout.py          int8 conv2d in the packed layout of x86 int8 dot products
+
+and cost counting on the IR (passes/analysis.py).
+"""
 
 from passes.analysis import count_flops
+from passes.fold_batchnorm import FoldBatchnorm
 from passes.strip_zero_channels import StripZeroChannels, report_totals, strip_zero_channels
 
-__all__ = ["StripZeroChannels", "count_flops", "report_totals", "strip_zero_channels"]
+__all__ = ["FoldBatchnorm", "StripZeroChannels", "count_flops", "report_totals", "strip_zero_channels"]
 
 # int8 quantization (issue 6): calibration, int8 compute, int8-stored weights
-# (the function quantize is not re-exported: it would shadow the submodule passes.quantize)
-from passes.quantize import QuantConfig, calibrate, config_for, constant_bytes, quantize_weights  # noqa: E402
+# (the functions quantize and quantize_weights are not re-exported: they would shadow their submodules)
+from passes.quantize import Quantize, QuantConfig, calibrate, config_for, constant_bytes  # noqa: E402
+from passes.quantize_weights import QuantizeWeights  # noqa: E402
+from passes.int8_layout import Int8Layout  # noqa: E402
 
-__all__ += ["QuantConfig", "calibrate", "config_for", "constant_bytes", "quantize_weights"]
+__all__ += ["Int8Layout", "Quantize", "QuantConfig", "QuantizeWeights", "calibrate", "config_for",
+            "constant_bytes"]

@@ -22,26 +22,16 @@ not apply, and the K = 27 reduction is too short to pay for itself). The classif
 layer measured no loss (PyTorch simulation of this quantization, all 10 000 test images: dense 93.39 -> 93.41,
 50 %-pruned 92.40 -> 92.41) and keeping it fp32 cost 1.9 kB, 0.35 % of a pruned int8 model's weights.
 
-**x86 AVX-512 VNNI** (``QuantConfig.vnni_layout``, set by :func:`config_for` on such a CPU): ``vpdpbusd`` needs 4
-consecutive uint8 input channels and a contiguous 16 x 4 int8 weight tile, which NCHW / OIHW does not have, so
-MetaSchedule cannot tensorize the conv2d above. There each uint8 conv2d is emitted in the packed layout of
-:mod:`passes.vnni` instead (kernels made with ``emit_te``; ob, the output-channel block, is 16 or, for widths
-8 / 24 / 40 / ... that 16-blocks would pad, 8: a ymm vpdpbusd)::
+**x86 int8 layout**: on x86 CPUs with int8 dot products (AVX-512 VNNI ``vpdpbusd``; AVX-512BW / AVX2
+``vpmaddubsw`` + ``vpmaddwd``) the uint8 conv2d layers are then packed by a separate pass,
+:class:`passes.int8_layout.Int8Layout` (``QuantConfig.vnni_layout`` / ``int8_isa`` say which; :func:`quantize`
+runs both). On the ``vpmaddubsw`` ISAs the weights are 7-bit (``QuantConfig.weight_max`` 63: see
+:data:`passes.vnni.MADDUBS_WEIGHT_MAX`).
 
-    xp  = quantize_repack(pack_float(x), [s_x])   # uint8 NCHW[ic_bn]c, the conv's zero padding applied, ic to 4k
-    acc = conv2d_nchwc_int8(xp, Wp)           # int32 NCHW[ob]c; Wp: OIHW[ic_bn/4]i[ob]o4i, oc zero-padded to ob*k
-    y   = unpack(astype(acc, f32) * pack(s_x * s_w))   # float32 NCHW, padding channels dropped
+**int8-weights**: :mod:`passes.quantize_weights`.
 
-The integers are the same as the NCHW conv2d's (an exact int32 sum in another order: bit-identical outputs).
-FuseOps puts the requantize, bias, ReLU and residual add in the conv's epilogue; activations stay packed from conv
-to conv (the next conv's quantize_repack reads them there). In the packed kernels ``s_x`` is a tensor argument,
-not an immediate, so they do not depend on the calibration: a tuning database serves any checkpoint with the same
-stripped shapes (the NCHW ``R.quantize`` in front of the int8 classifier still inlines its scale).
-
-**int8-weights** (:func:`quantize_weights`), on an fp16 module (``ToMixedPrecision``): every conv2d / matmul weight
-constant is stored int8 per output channel and dequantized in front of the fp16 conv2d. The dequantize and the
-conv2d are wrapped in one private ``Primitive`` Relax function per layer, so the build pipelines' FoldConstant
-cannot fold the dequantize back into an fp16 constant; FuseTIR turns each into one kernel that reads int8 weights.
+The pass form is :class:`Quantize` (its report travels as a module attribute: :func:`report_of`);
+:func:`quantize` is the function form, ``(new module, report)``.
 """
 
 from __future__ import annotations
@@ -54,11 +44,12 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from passes import calibration as calib
+from passes import reports
 from passes.binding_mutator import BindingMutator
 
 __all__ = [
-    "QuantConfig", "Layer", "Calibration", "config_for", "find_layers", "calibrate", "quantize",
-    "quantize_weights", "quantize_weight", "constant_bytes", "DEFAULT_KEEP",
+    "QuantConfig", "Layer", "Calibration", "Quantize", "config_for", "find_layers", "calibrate", "quantize",
+    "quantize_weight", "constant_bytes", "report_of", "DEFAULT_KEEP",
 ]
 
 DEFAULT_KEEP = ("first",)
@@ -102,33 +93,42 @@ class QuantConfig:
     percentile: float = calib.DEFAULT_PERCENTILE
     unsigned_activations: bool = True
     keep: tuple = DEFAULT_KEEP
-    # x86 AVX-512 VNNI: uint8 conv2d layers in the packed layout vpdpbusd needs (see _emit_packed_conv)
+    # x86 int8 dot products: uint8 conv2d layers in the packed layout (passes.int8_layout) for int8_isa
     vnni_layout: bool = False
+    int8_isa: str = "vnni"  # a key of passes.vnni.ISAS: vnni, avx512, avx2
+    weight_max: int = 127  # int8 weights in [-weight_max, weight_max] (63 for the vpmaddubsw ISAs)
 
     def __post_init__(self):
         if self.method not in calib.METHODS:
             raise ValueError(f"unknown calibration method '{self.method}': one of {', '.join(calib.METHODS)}")
         if not 0 < self.percentile <= 100:
             raise ValueError("percentile must be in (0, 100]")
+        if not 1 <= self.weight_max <= 127:
+            raise ValueError("weight_max must be in [1, 127]")
         object.__setattr__(self, "keep", tuple(self.keep))
 
     def describe(self) -> dict:
         return {"method": self.method, "percentile": self.percentile if self.method == "percentile" else None,
                 "unsigned_activations": self.unsigned_activations, "keep": list(self.keep),
-                "vnni_layout": self.vnni_layout}
+                "vnni_layout": self.vnni_layout, "int8_isa": self.int8_isa if self.vnni_layout else None,
+                "weight_max": self.weight_max}
 
 
 def config_for(spec, **overrides) -> QuantConfig:
     """The configuration for a target (:class:`targets.TargetSpec`): uint8 activations where the int8 kernels
-    multiply uint8 by int8 (x86 VNNI ``vpdpbusd``); int8 x int8 elsewhere (CUDA ``dp4a``/IMMA, Arm ``sdot``). On
-    AVX-512 VNNI the uint8 conv2d layers are emitted in the packed layout MetaSchedule tensorizes with vpdpbusd."""
+    multiply uint8 by int8 (x86: ``vpdpbusd``, ``vpmaddubsw``); int8 x int8 elsewhere (CUDA ``dp4a``/IMMA, Arm
+    ``sdot``). On an x86 target with int8 dot products (:func:`passes.vnni.target_int8_isa`) the uint8 conv2d
+    layers are packed for them (:class:`passes.int8_layout.Int8Layout`), with 7-bit weights where the kernels
+    use the saturating ``vpmaddubsw``."""
     import platform
 
     from passes import vnni
 
     x86 = spec.kind == "cpu" and not spec.cross_compiled and platform.machine() in ("x86_64", "AMD64")
-    return replace(QuantConfig(unsigned_activations=x86, vnni_layout=x86 and vnni.target_has_vnni(spec)),
-                   **overrides)
+    isa = vnni.target_int8_isa(spec) if x86 else None
+    weight_max = 127 if isa in (None, "vnni") else vnni.MADDUBS_WEIGHT_MAX - 1
+    return replace(QuantConfig(unsigned_activations=x86, vnni_layout=isa is not None, int8_isa=isa or "vnni",
+                               weight_max=weight_max), **overrides)
 
 
 # ---------------------------------------------------------------- layers
@@ -264,16 +264,16 @@ def _mac_share(layers: list[Layer], layer: Layer) -> float:
 # ---------------------------------------------------------------- weights
 
 
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8 along ``axis``: (``Wq`` int8 in [-127, 127], scales float32 of length
+def quantize_weight(w: np.ndarray, axis: int, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 along ``axis``: (``Wq`` int8 in [-qmax, qmax], scales float32 of length
     ``w.shape[axis]``) with ``W ~= Wq * scale``; an all-zero channel gets scale 1 (and Wq 0)."""
     w = np.asarray(w, dtype=np.float64)
     red = tuple(a for a in range(w.ndim) if a != axis)
     amax = np.abs(w).max(axis=red) if red else np.abs(w)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.astype(np.float64).reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.astype(np.float64).reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -319,12 +319,6 @@ def calibrate(mod: tvm.IRModule, images: np.ndarray, *, func_name: str = "main",
 class _Plan:
     # binding var -> (Layer, act dtype, s_x, Wq, s_w)
     rewrites: dict = field(default_factory=dict)
-    packed: set = field(default_factory=set)  # binding vars of conv2d layers emitted in the VNNI layout
-
-
-def _packable(layer: Layer, act_dtype: str) -> bool:
-    """A conv2d the VNNI layout takes: uint8 activations (vpdpbusd multiplies u8 by s8), NCHW, no groups."""
-    return layer.op == "conv2d" and act_dtype == "uint8" and int(layer.call.attrs.groups) == 1
 
 
 @mutator
@@ -333,28 +327,13 @@ class _Int8Rewriter(BindingMutator):
         super().__init__(mod)
         self.plan = plan
         self.quantized = {}  # (new x, dtype, scale) -> quantized var: one quantize per shared input
-        # VNNI layout: original binding var -> (its value in NCHW[ob]c: a new var, logical channels)
-        self.packed_of = {}
-        self.unpacked = {}  # original binding var -> an NCHW unpack of its packed twin
-        self.float_packed = {}  # original NCHW float var -> its NCHW[ob]c copy (pack_float)
 
     def visit_call_(self, call):
         var = self.bound_var(call)
         if var is None or var not in self.plan.rewrites:
-            if var is not None and self.plan.packed:
-                packed = self._packed_elementwise(call)
-                if packed is not None:
-                    self.packed_of[var] = packed
-                elif any(a in self.packed_of for a in call.args):
-                    # any other reader of a packed value (pooling, slicing, the shortcut's channel pad) reads an
-                    # unpack of it: so the whole NCHW chain before it is dead
-                    args = [self._unpacked(a) if a in self.packed_of else a for a in call.args]
-                    return super().visit_call_(relax.Call(call.op, args, call.attrs, call.ty_args))
             return super().visit_call_(call)
         layer, act_dtype, s_x, wq, s_w = self.plan.rewrites[var]
         x = self.visit_expr(layer.x)
-        if var in self.plan.packed:
-            return self._emit_packed_conv(layer, x, s_x, wq, s_w)
         key = (x, act_dtype, float(s_x))
         xq = self.quantized.get(key)
         if xq is None:
@@ -373,136 +352,14 @@ class _Int8Rewriter(BindingMutator):
         real = self.builder_.emit(relax.op.astype(acc, "float32"))
         return relax.op.multiply(real, _const(_requant(s_x, s_w).reshape(shape)))
 
-    def _emit_packed_conv(self, layer, x, s_x, wq, s_w):
-        """The conv2d in the layout vpdpbusd needs (:mod:`passes.vnni`)::
-
-            xf  = pack_float(x)                            # only where x is not already a packed conv's output
-            xp  = quantize_repack(xf, [s_x])             # uint8 NCHW[ic_bn]c, conv padding and channel blocks zero
-            acc = conv2d_nchwc_int8(xp, pack(Wq))         # int32 NCHW[ob]c: OIHW[ic_bn/4]i[ob]o4i weight constant
-            y   = unpack(astype(acc, f32) * pack(s_x * s_w))   # float32 NCHW, the padding channels dropped
-
-        The same integers as the NCHW conv2d (a reordered exact int32 sum); FuseOps puts astype * requant in the
-        conv's epilogue and unpack in the elementwise kernels after it. An NCHW input is packed as float first
-        (shared with a residual add that reads it packed) and quantized from there: one kernel that quantizes
-        while it gathers NCHW into NCHW[c] measured 47 us for ResNet56's 16 x 32 x 32 stem output, the float
-        pack plus quantize_repack 10 + 1 us (tuned, 1 thread). The activation scale is a tensor argument, so
-        these kernels do not depend on the calibration (a database tuned on one checkpoint serves another with the
-        same stripped shapes)."""
-        from passes import vnni
-
-        a = layer.call.attrs
-        oc, ic = wq.shape[:2]
-        _, ic_bn = vnni.ic_block(ic)
-        padding = [int(p) for p in a.padding]
-        key = ("packed", x, float(s_x), ic_bn, tuple(padding))
-        xp = self.quantized.get(key)
-        if xp is None:
-            scale = _const(np.array([s_x], np.float32))
-            src = self.packed_of.get(layer.x)  # the input is already NCHW[ob]c: quantize it from there
-            src = src[0] if src is not None else self._float_packed(layer.x)
-            xp = self.builder_.emit_te(vnni.quantize_repack, src, scale, int(ic), ic_bn, padding,
-                                       primfunc_name_hint=vnni.REPACK_NAME)
-            self.quantized[key] = xp
-        acc = self.builder_.emit_te(vnni.conv2d_nchwc_int8, xp, _const(vnni.pack_weight(wq)),
-                                    [int(v) for v in a.strides], [int(v) for v in a.dilation],
-                                    primfunc_name_hint=vnni.CONV_NAME)
-        real = self.builder_.emit(relax.op.astype(acc, "float32"))
-        y = self.builder_.emit(relax.op.multiply(real, _const(vnni.pack_channels(_requant(s_x, s_w)))))
-        self.packed_of[layer.var] = (y, int(oc))
-        return self.builder_.call_te(vnni.unpack, y, int(oc), primfunc_name_hint=vnni.UNPACK_NAME)
-
-    def _float_packed(self, var):
-        """NCHW[ob]c float copy of an NCHW float var (one per var, whoever asks: a packed conv or a residual add)."""
-        from passes import vnni
-
-        got = self.float_packed.get(var)
-        if got is None:
-            got = self.builder_.emit_te(vnni.pack_float, self.visit_expr(var),
-                                        primfunc_name_hint=vnni.FLOAT_PACK_NAME)
-            self.float_packed[var] = got
-        return got
-
-    def _unpacked(self, var):
-        from passes import vnni
-
-        got = self.unpacked.get(var)
-        if got is None:
-            y, c = self.packed_of[var]
-            got = self.builder_.emit_te(vnni.unpack, y, c, primfunc_name_hint=vnni.UNPACK_NAME)
-            self.unpacked[var] = got
-        return got
-
-    _PACKED_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum", "relax.minimum", "relax.nn.relu")
-
-    def _packed_elementwise(self, call):
-        """The NCHW[ob]c twin of an elementwise op on an output of a packed conv (bias add, ReLU, residual add):
-        emitted next to the NCHW op, so activations stay packed from conv to conv and the NCHW chain is only
-        kept where something else reads it (dead code elimination drops the rest). Padding channels are zero
-        and stay zero (their requantize scale and bias are 0). Returns (packed var, channels) or None."""
-        from passes import vnni
-
-        name = _op_name(call)
-        if name not in self._PACKED_OPS or not isinstance(call.ty, relax.TensorType):
-            return None
-        out_shape = _static_shape(call.ty)
-        if out_shape is None or len(out_shape) != 4 or str(call.ty.dtype) != "float32":
-            return None
-        channels = {self.packed_of[a][1] for a in call.args if a in self.packed_of}
-        if len(channels) != 1:
-            return None
-        (c,) = channels
-        if out_shape[1] != c:
-            return None
-        args = []
-        for a in call.args:
-            if a in self.packed_of:
-                if _static_shape(a.ty) != out_shape:
-                    return None
-                args.append(self.packed_of[a][0])
-            elif _is_const(a) and _dtype(a) == "float32":
-                v = a.value.numpy()
-                if v.ndim == 0:
-                    args.append(a)
-                elif v.shape == (1, c, 1, 1):
-                    args.append(_const(vnni.pack_channels(v.reshape(-1))))
-                else:
-                    return None
-            elif isinstance(a, relax.Var) and _static_shape(a.ty) == out_shape and _dtype(a) == "float32":
-                args.append(self._float_packed(a))
-            else:
-                return None
-        op = call.op
-        new = relax.Call(op, args, call.attrs)
-        return self.builder_.emit(new), c
-
-
-def _packed_layout(oc: int) -> str:
-    from passes import vnni
-
-    return f"NCHW[x]c/OIHW[x/4]i{vnni.oc_block(oc)}o4i (VNNI)"
-
-
-def _static_shape(ty) -> tuple | None:
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    try:
-        return tuple(int(v) for v in ty.shape.values)
-    except (TypeError, ValueError):
-        return None
-
 
 def _requant(s_x, s_w: np.ndarray) -> np.ndarray:
     """float32 ``s_x * s_w[c]`` (computed in float64, rounded once)."""
     return (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
 
 
-def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | None = None) -> tuple[tvm.IRModule, dict]:
-    """int8 compute for ``calibration.func_name`` of ``mod`` (the fp32 module that was calibrated, or one with the
-    same layers: e.g. the same IR at another batch size). Returns ``(new_mod, report)``; ``mod`` is unchanged.
-
-    ``report``: the scheme, the calibration (method, images), and one row per layer: name, op, weight shape,
-    precision (``int8`` or ``fp32`` with the reason it was kept), activation dtype, threshold and scale."""
-    config = config or QuantConfig()
+def _quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig) -> tuple[tvm.IRModule, dict]:
+    """The NCHW int8 rewrite and its report (see :class:`Quantize`)."""
     func_name = calibration.func_name
     func = mod[func_name]
     layers = find_layers(func)
@@ -523,14 +380,10 @@ def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | 
         if t <= 0.0:
             t = 1.0  # an all-zero input: any scale gives exact zeros
         s_x = np.float32(t / qmax)
-        wq, s_w = quantize_weight(l.weight, l.out_axis)
+        wq, s_w = quantize_weight(l.weight, l.out_axis, config.weight_max)
         plan.rewrites[l.var] = (l, act_dtype, s_x, wq, s_w)
-        packed = config.vnni_layout and _packable(l, act_dtype)
-        if packed:
-            plan.packed.add(l.var)
         row.update(precision="int8", activation_dtype=act_dtype, threshold=float(t), scale=float(s_x),
-                   layout=_packed_layout(wq.shape[0]) if packed else "NCHW/OIHW",
-                   observed_min=float(h.min), observed_max=float(h.max),
+                   layout="NCHW/OIHW", observed_min=float(h.min), observed_max=float(h.max),
                    clipped_fraction=_clipped(h, t))
         rows.append(row)
     new_mod = _apply_plan(mod, func_name, plan)
@@ -543,14 +396,50 @@ def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | 
                         "images": calibration.images, "batch": calibration.batch,
                         "run": "fp32 Relax module, default CPU pipeline"},
         "unsigned_activations": config.unsigned_activations,
-        "vnni_layout": config.vnni_layout,
+        "vnni_layout": False,  # Int8Layout sets it when it packs the module
         "keep": list(config.keep),
         "kept": [{"layer": r["name"], "reason": r["reason"]} for r in rows if r["precision"] != "int8"],
         "layers": rows,
         "int8_layers": sum(r["precision"] == "int8" for r in rows),
         "constant_bytes": {"before": constant_bytes(mod), "after": constant_bytes(new_mod)},
     }
+    if config.weight_max != 127:
+        report["weight_range"] = [-config.weight_max, config.weight_max]
     return new_mod, report
+
+
+@tvm.transform.module_pass(opt_level=0, name="Quantize")
+class Quantize:
+    """int8 compute for ``calibration.func_name`` (the fp32 module that was calibrated, or one with the same layers:
+    e.g. the same IR at another batch size), in NCHW. The report (the scheme, the calibration, one row per layer:
+    name, op, weight shape, precision - ``int8`` or ``fp32`` with the reason it was kept -, activation dtype,
+    threshold and scale) is attached to the module it returns (:func:`report_of`). Run
+    :class:`passes.int8_layout.Int8Layout` after it for the packed x86 layout."""
+
+    def __init__(self, calibration: Calibration, config: QuantConfig | None = None) -> None:
+        self.calibration, self.config = calibration, config or QuantConfig()
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        new_mod, report = _quantize(mod, self.calibration, self.config)
+        return reports.attach(new_mod, reports.QUANTIZE, report)
+
+
+def report_of(mod: tvm.IRModule) -> dict | None:
+    """The quantization report :class:`Quantize` (or QuantizeWeights) attached to ``mod``, None if none ran."""
+    return reports.get(mod, reports.QUANTIZE)
+
+
+def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | None = None) -> tuple[tvm.IRModule, dict]:
+    """:class:`Quantize`, then (``config.vnni_layout``) :class:`passes.int8_layout.Int8Layout` for
+    ``config.int8_isa`` as a function: ``(new_mod, report)``; ``mod`` is unchanged."""
+    from passes.int8_layout import Int8Layout
+
+    config = config or QuantConfig()
+    passes = [Quantize(calibration, config)] + ([Int8Layout(config.int8_isa, calibration.func_name)]
+                                                if config.vnni_layout else [])
+    out = tvm.transform.Sequential(passes)(mod)
+    report = report_of(out)
+    return out.without_attr(reports.QUANTIZE), report
 
 
 def _clipped(h: calib.Histogram, t: float) -> float:
@@ -568,84 +457,7 @@ def _apply_plan(mod, func_name, plan):
     gv = mod.get_global_var(func_name)
     new_func = rw.visit_expr(mod[func_name])
     rw.builder_.update_func(gv, new_func)
-    out = rw.builder_.get()
-    if plan.packed:  # the NCHW twins nothing reads any more (and their kernels)
-        out = relax.transform.DeadCodeElimination([func_name])(out)
-    return out
-
-
-# ---------------------------------------------------------------- int8-weights (fp16 compute)
-
-
-@mutator
-class _WeightRewriter(BindingMutator):
-    def __init__(self, mod: tvm.IRModule, rewrites: dict, dtype: str):
-        super().__init__(mod)
-        self.rewrites = rewrites  # binding var -> (Layer, Wq, scale)
-        self.dtype = dtype
-
-    def visit_call_(self, call):
-        var = self.bound_var(call)
-        if var is None or var not in self.rewrites:
-            return super().visit_call_(call)
-        layer, wq, scale = self.rewrites[var]
-        x = self.visit_expr(layer.x)
-        shape = [1] * wq.ndim
-        shape[layer.out_axis] = -1
-        s = scale.astype(self.dtype).reshape(shape)
-        gv = self.builder_.add_func(_dequant_layer_func(layer, x, wq, s, self.dtype), f"dequantize_{layer.op}")
-        return relax.Call(gv, [x, _const(wq), _const(s)])
-
-
-def _dequant_layer_func(layer: Layer, x, wq: np.ndarray, s: np.ndarray, dtype: str) -> relax.Function:
-    """``fn(x, wq, s) = op(x, astype(wq, dtype) * s)``: a private Primitive function (FuseTIR makes it one kernel)."""
-    bb = relax.BlockBuilder()
-    px = relax.Var("x", x.ty)
-    pw = relax.Var("w", relax.TensorType(wq.shape, "int8"))
-    ps = relax.Var("s", relax.TensorType(s.shape, dtype))
-    call = layer.call
-    with bb.function("f", [px, pw, ps], attrs={"Primitive": True}, private=True):
-        with bb.dataflow():
-            w = bb.emit(relax.op.multiply(relax.op.astype(pw, dtype), ps))
-            if layer.op == "conv2d":
-                a = call.attrs
-                y = relax.op.nn.conv2d(px, w, strides=a.strides, padding=a.padding, dilation=a.dilation,
-                                       groups=int(a.groups), out_dtype=str(a.out_dtype) or dtype)
-            else:
-                y = relax.op.matmul(px, w, out_dtype=str(call.attrs.out_dtype) or dtype)
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()["f"]
-
-
-def quantize_weights(mod: tvm.IRModule, dtype: str = "float16", func_name: str = "main") -> tuple[tvm.IRModule, dict]:
-    """int8-stored weights for the ``dtype`` conv2d/matmul layers of an fp16 module (run ``ToMixedPrecision`` +
-    ``FoldConstant`` first). Returns ``(new_mod, report)``; activations and arithmetic stay ``dtype``."""
-    func = mod[func_name]
-    layers = find_layers(func, weight_dtype=dtype)
-    rewrites, rows = {}, []
-    for l in layers:
-        wq, scale = quantize_weight(l.weight, l.out_axis)
-        rewrites[l.var] = (l, wq, scale)
-        err = float(np.abs(wq.astype(np.float64) * scale.reshape(
-            [-1 if a == l.out_axis else 1 for a in range(wq.ndim)]) - l.weight.astype(np.float64)).max())
-        rows.append({"name": l.name, "op": l.op, "weight_shape": list(l.weight.shape), "precision": "int8-weights",
-                     "max_weight_error": err})
-    if rewrites:
-        rw = _WeightRewriter(mod, rewrites, dtype)
-        gv = mod.get_global_var(func_name)
-        new_func = rw.visit_expr(mod[func_name])
-        rw.builder_.update_func(gv, new_func)
-        new_mod = rw.builder_.get()
-    else:
-        new_mod = mod
-    report = {
-        "scheme": (f"weights stored int8 symmetric per output channel, dequantized to {dtype} inside each layer's "
-                   f"kernel; {dtype} activations and arithmetic"),
-        "layers": rows,
-        "constant_bytes": {"before": constant_bytes(mod), "after": constant_bytes(new_mod)},
-    }
-    return new_mod, report
+    return rw.builder_.get()
 
 
 # ---------------------------------------------------------------- accounting

@@ -38,9 +38,10 @@ import tvm
 import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import mutator
+from passes import reports
 from passes.binding_mutator import BindingMutator
 
-__all__ = ["StripZeroChannels", "strip_zero_channels", "report_totals"]
+__all__ = ["StripZeroChannels", "strip_zero_channels", "report_totals", "report_of"]
 
 # ---------------------------------------------------------------- IR helpers
 
@@ -673,11 +674,14 @@ def report_totals(report: list[dict]) -> dict:
 
 @tvm.transform.module_pass(opt_level=0, name="StripZeroChannels")
 class StripZeroChannels:
-    """Module pass form of :func:`strip_zero_channels`; the last run's report is kept in ``self.report``."""
-
-    def __init__(self) -> None:
-        self.report: list[dict] = []
+    """Module pass form of :func:`strip_zero_channels`. The report travels with the module it returns: read it with
+    :func:`report_of` (a module attribute, :mod:`passes.reports`); the pass object keeps no state."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        new_mod, self.report = strip_zero_channels(mod)
-        return new_mod
+        new_mod, report = strip_zero_channels(mod)
+        return reports.attach(new_mod, reports.STRIP, report)
+
+
+def report_of(mod: tvm.IRModule) -> list[dict] | None:
+    """The report :class:`StripZeroChannels` attached to ``mod`` (None when the pass did not run on it)."""
+    return reports.get(mod, reports.STRIP)

@@ -1,5 +1,7 @@
-"""x86 VNNI (``vpdpbusd``): a tensor intrinsic that builds with the LLVM inside TVM 0.27 (LLVM 22), the packed int8
-conv2d layout it needs, and the MetaSchedule rules that tensorize with it.
+"""x86 int8 dot products: tensor intrinsics that build with the LLVM inside TVM 0.27 (LLVM 22) for AVX-512 VNNI
+(``vpdpbusd``) and, on CPUs without VNNI, AVX-512BW and AVX2 (``vpmaddubsw`` + ``vpmaddwd``); the packed int8
+conv2d layout they need (:class:`passes.int8_layout.Int8Layout` emits it), and the MetaSchedule rules that
+tensorize with them (:data:`ISAS`: which intrinsic computes which output-channel block on each ISA).
 
 TVM's ``dot_16x4_vnni`` (tvm/s_tir/tensor_intrin/x86.py) calls ``llvm.x86.avx512.vpdpbusd.512`` with two
 ``<16 x i32>`` operands; since LLVM 21 the intrinsic's multiplicands are ``<64 x i8>``, so every tensorized candidate
@@ -8,10 +10,13 @@ description is unchanged (``C[16] += sum_k u8 A[k] * s8 B[i, k]``, 16 int32 lane
 broadcasts the 4 activation bytes as one i32 to 16 lanes and reinterprets both multiplicands as ``int8x64``.
 
 :func:`register` registers it as :data:`INTRIN_NAME`. TVM 0.27's MetaSchedule has no x86 VNNI default rule any more
-(``ScheduleRule.create`` knows llvm / cuda / hexagon only): :func:`schedule_rules` adds one for this intrinsic.
+(``ScheduleRule.create`` knows llvm / cuda / hexagon only): :func:`schedule_rules` adds one for these intrinsics.
+The ``vpmaddubsw`` ones and their int16 saturation: see :data:`MADDUBS_WEIGHT_MAX`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from tvm.script import tirx as T
@@ -22,10 +27,45 @@ TVM_NAME = "dot_16x4_vnni"
 OC_BLOCK = 16  # output channels per zmm vpdpbusd: the block of every conv whose width is a multiple of 16
 OC_BLOCKS = {16: INTRIN_NAME, 8: INTRIN_NAME_8}  # output-channel block -> the intrinsic that computes it
 K_BLOCK = 4  # input channels per lane (4 bytes of one int32 lane)
-# names of the PrimFuncs the packed int8 rewrite (passes.quantize) emits: compiler.tuning names variants by them
+# names of the PrimFuncs the packed int8 rewrite (passes.int8_layout) emits: compiler.tuning names variants by them
 CONV_NAME, UNPACK_NAME = "conv2d_nchwc_int8", "vnni_unpack"
 REPACK_NAME, FLOAT_PACK_NAME = "vnni_quantize_repack", "vnni_pack_float"
 KERNEL_NAMES = (CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME)
+
+# x86 without VNNI: u8 x s8 -> s16 pairs (vpmaddubsw), then s16 pairs -> s32 (vpmaddwd with ones). The description
+# is the same as the VNNI intrinsics' (C[lanes] += sum_k u8 A[k] * s8 B[i, k]), so the packed layout is the same.
+AVX512_NAME = "dot_16x4_avx512_maddubs"  # 16 int32 lanes, zmm (AVX-512BW): TVM's AVX512_DOT_16x4_INTRIN, our name
+AVX2_NAME = "dot_8x4_avx2_maddubs"  # 8 int32 lanes, ymm (AVX2)
+# vpmaddubsw adds two u8 x s8 products into a *saturating* int16: 2 * 255 * 128 = 65280 does not fit. As oneDNN does
+# on CPUs without VNNI, the weights of those kernels are 7-bit (|w| <= 64: 2 * 255 * 64 = 32640 <= 32767), so every
+# pair is exact and the kernels compute the same integers as vpdpbusd (passes.quantize.config_for quantizes the
+# weights to [-63, 63] for such targets; passes.int8_layout refuses larger ones). The alternatives cost more:
+# widening both operands to int16 and using vpmaddwd alone (FBGEMM's exact path) halves the multiply rate, and
+# splitting the weights into high and low parts doubles the instructions; 7-bit weights cost one bit of weight
+# precision per output channel (measured: the shipped ResNet56's x86-64-v3 int8 artifact, 7-bit weights, scores
+# 92.90 % on the 10,000 test images; fp32 92.89 %, VNNI int8 with 8-bit weights 92.84 %).
+MADDUBS_WEIGHT_MAX = 64
+
+
+@dataclass(frozen=True)
+class Isa:
+    """An x86 int8 instruction set the packed conv2d can be tensorized with."""
+
+    label: str  # in the layout names of the quantization report
+    blocks: dict  # output-channel block -> the intrinsic that computes it (int32 lanes = block)
+    weight_max: int  # the largest |int8 weight| its kernels compute exactly
+    features: frozenset  # the LLVM CPU features it needs
+    instructions: str
+
+
+ISAS = {
+    "vnni": Isa("VNNI", {16: INTRIN_NAME, 8: INTRIN_NAME_8}, 127, frozenset({"avx512vnni", "avx512vl"}),
+                "vpdpbusd (zmm, ymm)"),
+    "avx512": Isa("AVX-512", {16: AVX512_NAME, 8: AVX2_NAME}, MADDUBS_WEIGHT_MAX, frozenset({"avx512bw", "avx2"}),
+                  "vpmaddubsw + vpmaddwd (zmm; ymm for 8-channel blocks)"),
+    "avx2": Isa("AVX2", {8: AVX2_NAME}, MADDUBS_WEIGHT_MAX, frozenset({"avx2"}), "vpmaddubsw + vpmaddwd (ymm)"),
+}
+ISA_ORDER = ("vnni", "avx512", "avx2")  # best first
 
 
 def _intrinsic(lanes: int):
@@ -73,11 +113,39 @@ def _intrinsic(lanes: int):
     return desc, impl
 
 
+def _maddubs_intrinsic(lanes: int):
+    """``(desc, impl)`` of the same sum as :func:`_intrinsic` with ``vpmaddubsw`` (u8 x s8 pairs -> s16, saturating)
+    and ``vpmaddwd`` by ones (s16 pairs -> s32): 8 lanes on ymm (AVX2), 16 on zmm (AVX-512BW, as TVM's
+    ``dot_product_16x4_u8i8i32_avx512``). Exact for weights within +-:data:`MADDUBS_WEIGHT_MAX`."""
+    desc, _ = _intrinsic(lanes)
+    bytes_type, pairs_type, acc_type = f"int8x{4 * lanes}", f"int16x{2 * lanes}", f"int32x{lanes}"
+    maddubs, maddwd = (("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd") if lanes == 8 else
+                       ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"))
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            A_bytes = T.reinterpret(T.broadcast(A_i32, lanes), dtype=bytes_type)
+            B_bytes = B.vload([0, 0], dtype=bytes_type)
+            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), A_bytes, B_bytes, dtype=pairs_type)
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_type) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(maddwd), pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=acc_type)
+
+    return desc, impl
+
+
 _registered = False
 
 
 def register() -> str:
-    """Register the working intrinsics, 16 and 8 lanes (idempotent); returns :data:`INTRIN_NAME`."""
+    """Register the intrinsics of every ISA in :data:`ISAS` (idempotent); returns :data:`INTRIN_NAME`."""
     global _registered
     if _registered:
         return INTRIN_NAME
@@ -87,6 +155,8 @@ def register() -> str:
     # target's intrinsics (minutes), and a later import of it would refuse a name registered before it
     for lanes, name in OC_BLOCKS.items():
         TensorIntrin.register(name, *_intrinsic(lanes), override=True)
+    TensorIntrin.register(AVX512_NAME, *_maddubs_intrinsic(16), override=True)
+    TensorIntrin.register(AVX2_NAME, *_maddubs_intrinsic(8), override=True)
     _registered = True
     return INTRIN_NAME
 
@@ -118,26 +188,28 @@ def output_block(sch, block_rv) -> int | None:
         ob = int(buf.shape[-1])
     except TypeError:  # a symbolic extent
         return None
-    return ob if ob in OC_BLOCKS else None
+    return ob if ob in (16, 8) else None
 
 
-_rule_class = None
+_rule_classes: dict = {}
 
 
-def _vnni_rule_class():
-    """A ScheduleRule that tensorizes each packed conv2d with the intrinsic of its output block: the 16-lane one
-    would not fit an 8-block, and the 8-lane one would also match (and split) every 16-block, doubling the space."""
-    global _rule_class
-    if _rule_class is not None:
-        return _rule_class
+def _rule_class(isa: str):
+    """A ScheduleRule that tensorizes each packed conv2d with ``isa``'s intrinsic for its output block: the 16-lane
+    one would not fit an 8-block, and an 8-lane one would also match (and split) every 16-block, doubling the
+    space."""
+    if isa in _rule_classes:
+        return _rule_classes[isa]
     from tvm.s_tir.meta_schedule.schedule_rule import PyScheduleRule
     from tvm.ir.utils import derived_object
 
+    blocks = ISAS[isa].blocks
+
     @derived_object
-    class VNNITilingByBlock(PyScheduleRule):
+    class Int8TilingByBlock(PyScheduleRule):
         def __init__(self) -> None:
             super().__init__()
-            self.rules = {ob: _tiling_with(name) for ob, name in OC_BLOCKS.items()}
+            self.rules = {ob: _tiling_with(name) for ob, name in blocks.items()}
 
         def _initialize_with_tune_context(self, context) -> None:
             for rule in self.rules.values():
@@ -145,24 +217,24 @@ def _vnni_rule_class():
 
         def apply(self, sch, block):
             ob = output_block(sch, block)
-            return self.rules[ob].apply(sch, block) if ob is not None else [sch]
+            return self.rules[ob].apply(sch, block) if ob in self.rules else [sch]
 
         def clone(self):
-            return VNNITilingByBlock()
+            return Int8TilingByBlock()
 
-    _rule_class = VNNITilingByBlock
-    return _rule_class
+    _rule_classes[isa] = Int8TilingByBlock
+    return Int8TilingByBlock
 
 
-def schedule_rules() -> list:
-    """MetaSchedule rules for x86 VNNI targets: TVM 0.27 has no VNNI default any more (only ``ScheduleRule.create
-    ("llvm")``), so put a MultiLevelTilingWithIntrin for our intrinsics in front of the LLVM defaults (TVM's old
-    DefaultVNNI did the same), picking the 16- or 8-lane intrinsic by the conv's output block. Use as
-    ``PostOrderApply(sch_rules=schedule_rules())``."""
+def schedule_rules(isa: str = "vnni") -> list:
+    """MetaSchedule rules for x86 int8 targets: TVM 0.27 has no VNNI default any more (only ``ScheduleRule.create
+    ("llvm")``), so put a MultiLevelTilingWithIntrin for ``isa``'s intrinsics in front of the LLVM defaults (TVM's
+    old DefaultVNNI did the same), picking the intrinsic by the conv's output block. Use as
+    ``PostOrderApply(sch_rules=schedule_rules(isa))``."""
     from tvm.s_tir import meta_schedule as ms
 
     register()
-    return [_vnni_rule_class()()] + list(ms.schedule_rule.ScheduleRule.create("llvm"))
+    return [_rule_class(isa)()] + list(ms.schedule_rule.ScheduleRule.create("llvm"))
 
 
 def postprocs() -> list:
@@ -180,35 +252,48 @@ def postprocs() -> list:
     ]
 
 
-def space_generator():
-    """``PostOrderApply`` with :func:`schedule_rules` and :func:`postprocs`: the design space for int8 on VNNI."""
+def space_generator(isa: str = "vnni"):
+    """``PostOrderApply`` with :func:`schedule_rules` and :func:`postprocs`: the design space for int8 on ``isa``."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.space_generator.PostOrderApply(sch_rules=schedule_rules(), postprocs=postprocs(),
+    return ms.space_generator.PostOrderApply(sch_rules=schedule_rules(isa), postprocs=postprocs(),
                                              mutator_probs="from-target")
 
 
-def target_has_vnni(target) -> bool:
-    """Whether the LLVM ``target`` (a tvm Target, its JSON dict, or a targets.TargetSpec) is x86 with AVX-512 VNNI:
-    the 512-bit and 256-bit ``vpdpbusd`` the intrinsics emit."""
+def _llvm_x86_features(target) -> frozenset | None:
+    """The LLVM CPU features of an x86 LLVM ``target`` (a tvm Target, its JSON dict, or a targets.TargetSpec),
+    None for anything else."""
     import tvm
     from tvm.target import codegen
 
     if hasattr(target, "tvm_target"):  # a targets.TargetSpec
         if getattr(target, "kind", "cpu") != "cpu":
-            return False
+            return None
         target = target.tvm_target()
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name != "llvm":
-        return False
+        return None
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
-        return False
+        return None
     try:
-        features = set(str(f) for f in codegen.llvm_get_cpu_features(target))
-        return {"avx512vnni", "avx512vl"} <= features  # VL: the 8-lane (ymm) vpdpbusd
+        return frozenset(str(f) for f in codegen.llvm_get_cpu_features(target))
     except Exception:  # noqa: BLE001 - an unknown CPU name
-        return False
+        return None
+
+
+def target_int8_isa(target) -> str | None:
+    """The best key of :data:`ISAS` the x86 LLVM ``target`` has (``vnni``, ``avx512``, ``avx2``), else None."""
+    features = _llvm_x86_features(target)
+    if features is None:
+        return None
+    return next((isa for isa in ISA_ORDER if ISAS[isa].features <= features), None)
+
+
+def target_has_vnni(target) -> bool:
+    """Whether the LLVM ``target`` is x86 with AVX-512 VNNI: the 512-bit and 256-bit ``vpdpbusd`` the intrinsics
+    emit."""
+    return target_int8_isa(target) == "vnni"
 
 
 # ---------------------------------------------------------------- the packed int8 conv2d layout
@@ -237,30 +322,33 @@ def _round_up(n: int, block: int) -> int:
     return -(-int(n) // block) * block
 
 
-def oc_block(oc: int) -> int:
-    """Output channels per block of a conv with ``oc`` outputs: 16 unless 8-blocks need less padding."""
+def oc_block(oc: int, isa: str = "vnni") -> int:
+    """Output channels per block of a conv with ``oc`` outputs: 16 unless 8-blocks need less padding (or ``isa``
+    has no 16-lane intrinsic: AVX2 has 8 int32 lanes)."""
+    if 16 not in ISAS[isa].blocks:
+        return 8
     return 8 if _round_up(oc, 8) < _round_up(oc, 16) else OC_BLOCK
 
 
-def oc_padded(oc: int) -> int:
-    return _round_up(oc, oc_block(oc))
+def oc_padded(oc: int, isa: str = "vnni") -> int:
+    return _round_up(oc, oc_block(oc, isa))
 
 
-def pack_weight(wq: np.ndarray) -> np.ndarray:
+def pack_weight(wq: np.ndarray, isa: str = "vnni") -> np.ndarray:
     """OIHW int8 -> OIHW[ic_bn/4]i[ob]o4i (``(OC/ob, IC/ic_bn, KH, KW, ic_bn/4, ob, 4)``), zero channels padded in."""
     oc, ic, kh, kw = wq.shape
     icp, bn = ic_block(ic)
-    ob, ocp = oc_block(oc), oc_padded(oc)
+    ob, ocp = oc_block(oc, isa), oc_padded(oc, isa)
     w = np.zeros((ocp, icp, kh, kw), dtype=wq.dtype)
     w[:oc, :ic] = wq
     w = w.reshape(ocp // ob, ob, icp // bn, bn // K_BLOCK, K_BLOCK, kh, kw)
     return np.ascontiguousarray(w.transpose(0, 2, 5, 6, 3, 1, 4))
 
 
-def pack_channels(v: np.ndarray, fill: float = 0.0) -> np.ndarray:
+def pack_channels(v: np.ndarray, fill: float = 0.0, isa: str = "vnni") -> np.ndarray:
     """A per-output-channel vector -> ``(1, OC/ob, 1, 1, ob)`` (NCHW[ob]c broadcast), padded with ``fill``."""
     v = np.asarray(v).ravel()
-    ob, ocp = oc_block(len(v)), oc_padded(len(v))
+    ob, ocp = oc_block(len(v), isa), oc_padded(len(v), isa)
     out = np.full(ocp, fill, dtype=v.dtype)
     out[:len(v)] = v
     return np.ascontiguousarray(out.reshape(1, ocp // ob, 1, 1, ob))
@@ -326,13 +414,13 @@ def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: st
     return te.compute(shape, f, name="quantize_repack")
 
 
-def pack_float(x):
-    """TE: a float NCHW tensor -> NCHW[ob]c (the block a conv with its width produces), zero channels up to a
-    whole block."""
+def pack_float(x, isa: str = "vnni"):
+    """TE: a float NCHW tensor -> NCHW[ob]c (the block a conv with its width produces on ``isa``), zero channels up
+    to a whole block."""
     from tvm import te, tirx
 
     n, c, h, w = (int(d) for d in x.shape)
-    ob, ocp = oc_block(c), oc_padded(c)
+    ob, ocp = oc_block(c, isa), oc_padded(c, isa)
 
     def f(b, cb, y, xx, ci):
         ch = cb * ob + ci

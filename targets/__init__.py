@@ -4,7 +4,8 @@ Each target is a :class:`TargetSpec` - a plain fact sheet: the TVM target JSON (
 whether the host code is cross-compiled, the toolchain, and the precision ``auto`` picks with the reason.
 
     jetson-tx2 / jetson-nano / jetson-xavier / jetson-orin   CUDA sm_62 / sm_53 / sm_72 / sm_87 + aarch64 host
-    host                                                      this machine's CPU (LLVM, detected -mcpu)
+    host                                                      this machine's CPU (LLVM, detected -mcpu; its x86 class)
+    x86-64-v3 / x86-64-v4 / x86-64-v4-vnni                    every x86 CPU of a class (AVX2; AVX-512; + VNNI)
     cuda                                                      this machine's GPU (sm from the device; sm_90 if none)
     aarch64-cpu                                               a generic aarch64 Linux CPU (no GPU)
 
@@ -78,6 +79,18 @@ class TargetSpec:
         import tvm
 
         return tvm.target.Target(self.target_json())
+
+    def required_cpu_features(self) -> list[str] | None:
+        """The /proc/cpuinfo flags a CPU needs to run this target's code (x86 CPU targets; else None): recorded in
+        the manifest and checked before an artifact is loaded (:mod:`targets.x86`)."""
+        if self.kind != "cpu" or self.cross_compiled or "mtriple" in self.device:
+            return None
+        from targets import x86
+
+        try:
+            return x86.required_features(self.device)
+        except Exception:  # noqa: BLE001 - not an x86 CPU LLVM knows: nothing to require
+            return None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -155,7 +168,8 @@ _STATIC = {
         triple=AARCH64_TRIPLE, glibc=BOARD_GLIBC, board="any aarch64 Linux with glibc >= " + BOARD_GLIBC),
 }
 
-NAMES = ("jetson-tx2", "jetson-nano", "jetson-xavier", "jetson-orin", "host", "cuda", "aarch64-cpu")
+NAMES = ("jetson-tx2", "jetson-nano", "jetson-xavier", "jetson-orin", "host", "x86-64-v3", "x86-64-v4",
+         "x86-64-v4-vnni", "cuda", "aarch64-cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,26 +218,49 @@ def cpu_class(mcpu: str | None, features: frozenset | None = None) -> str | None
 
 
 def _cpu_int8(arch: str, features: frozenset) -> tuple[bool, str]:
-    x86_vnni = sorted(f for f in features if f in ("avx512vnni", "avxvnni"))
-    if x86_vnni:
-        return True, f"this CPU has {'/'.join(x86_vnni)} (VNNI int8 dot products)"
+    """Whether a non-x86 CPU has int8 dot products (x86: its class decides, :func:`targets.x86.auto_precision`)."""
     if "dotprod" in features or "i8mm" in features:
         return True, "this CPU has Arm dotprod/i8mm int8 dot products"
-    if arch in ("x86_64", "AMD64"):
-        return False, "this x86 CPU has no VNNI (avx512vnni/avxvnni): int8 is no faster than fp32"
     return False, f"this {arch} CPU reports no int8 dot-product instructions"
 
 
 def _host_spec() -> TargetSpec:
+    from targets import x86
+
     mcpu, arch, features = _host_cpu()
-    fast, why = _cpu_int8(arch, features)
-    precision = "int8" if fast else "fp32"
-    reason = why + (": int8 is its fastest format" if fast else "; CPUs gain nothing from fp16, so fp32")
+    cls = cpu_class(mcpu, features) if arch in ("x86_64", "AMD64") else None
+    if arch in ("x86_64", "AMD64"):
+        precision, reason = x86.auto_precision(cls)
+        fast = cls is not None
+        why = (f"this CPU is {cls}: {x86.CLASSES[cls].int8_instructions}" if fast else
+               "this x86 CPU is below x86-64-v3 (no AVX2): no int8 dot products")
+        where = f"; class {cls or 'below x86-64-v3'}"
+    else:
+        fast, why = _cpu_int8(arch, features)
+        precision = "int8" if fast else "fp32"
+        reason = why + (": int8 is its fastest format" if fast else "; CPUs gain nothing from fp16, so fp32")
+        where = ""
     return TargetSpec(
-        name="host", description=f"this machine's CPU ({arch}, LLVM -mcpu={mcpu})", kind="cpu",
+        name="host", description=f"this machine's CPU ({arch}, LLVM -mcpu={mcpu}{where})", kind="cpu",
         device={"kind": "llvm", "mcpu": mcpu}, host=None, cuda_arch=None, cross_compiled=False,
         default_precision=precision, precision_reason=reason, fast_int8=fast, fast_int8_reason=why,
         toolchain="LLVM (TVM) + this machine's C compiler (TVM's default linker)",
+    )
+
+
+def _x86_class_spec(name: str) -> TargetSpec:
+    from targets import x86
+
+    c = x86.CLASSES[name]
+    precision, reason = x86.auto_precision(name)
+    return TargetSpec(
+        name=name, description=f"any x86-64 CPU of class {name} or above ({c.cpus})", kind="cpu",
+        device=dict(c.device), host=None, cuda_arch=None, cross_compiled=False, default_precision=precision,
+        precision_reason=reason, fast_int8=True, fast_int8_reason=f"int8 kernels: {c.int8_instructions}",
+        toolchain=f"LLVM (TVM) -mcpu={c.device['mcpu']}{' +avx512vnni' if 'mattr' in c.device else ''} + this "
+                  "machine's C compiler",
+        notes=("the artifact runs on every CPU of this class or above; loading it on a CPU below refuses with the "
+               "missing feature", "tuning records for this target apply on every CPU of the class"),
     )
 
 
@@ -278,9 +315,30 @@ def get(name: str) -> TargetSpec:
         return _STATIC[key]()
     if key == "host":
         return _host_spec()
+    if key.startswith("x86-64-v"):
+        from targets import x86
+
+        if key in x86.CLASSES:
+            return _x86_class_spec(key)
     if key == "cuda":
         return _cuda_spec()
     raise UserError(f"unknown target '{name}': choose one of {', '.join(NAMES)}")
+
+
+def runs_here(spec: TargetSpec) -> bool:
+    """Whether this machine can run ``spec``'s code: a CPU target that is not cross-compiled and, for x86, whose
+    CPU features this CPU has (an x86 class above this CPU's is built here but verified through a host build)."""
+    if spec.kind != "cpu" or spec.cross_compiled:
+        return False
+    from targets import x86
+
+    return not x86.missing_features(spec.required_cpu_features() or [])
+
+
+def host_class() -> str | None:
+    """The x86-64 class of this machine's CPU (None: not x86, or below x86-64-v3)."""
+    mcpu, arch, features = _host_cpu()
+    return cpu_class(mcpu, features) if arch in ("x86_64", "AMD64") else None
 
 
 def all_targets() -> list[TargetSpec]:
@@ -308,4 +366,4 @@ def __getattr__(name):  # PEP 562: keep `import targets` light
     raise AttributeError(f"module 'targets' has no attribute {name!r}")
 
 
-__all__ = ["TargetSpec", "PRECISIONS", "NAMES", "get", "all_targets", "names", *_LAZY]
+__all__ = ["TargetSpec", "PRECISIONS", "NAMES", "get", "all_targets", "names", "host_class", "runs_here", *_LAZY]

@@ -17,6 +17,7 @@ from compiler import precision
 from compiler.errors import UserError
 from passes import calibration as calib
 from passes import quantize as q
+from passes import quantize_weights as qw
 from helpers import relax_module as _module
 
 F32 = "float32"
@@ -322,7 +323,7 @@ def _weights_module():
 
 def test_int8_weights_store_int8_and_survive_the_target_pipelines():
     weights, fp16 = _weights_module()
-    mod, report = q.quantize_weights(fp16)
+    mod, report = qw.quantize_weights(fp16)
     relax.analysis.well_formed(mod)
     by = report["constant_bytes"]["after"]["by_dtype"]
     assert by["int8"] == sum(w.size for w in weights[0::2])  # every conv/matmul weight is int8
@@ -345,7 +346,7 @@ def test_int8_weights_store_int8_and_survive_the_target_pipelines():
 
 def test_int8_weights_numerics_match_dequantized_reference():
     weights, fp16 = _weights_module()
-    mod, _ = q.quantize_weights(fp16)
+    mod, _ = qw.quantize_weights(fp16)
     w1, b1, w2, b2, w3, b3 = weights
     x = np.random.default_rng(7).normal(size=(2, 3, 8, 8)).astype(F32)
     got = _run(mod, x)
@@ -530,7 +531,7 @@ def test_vnni_layout_rewrite_before_expected():
     # a conv reading a signed tensor keeps NCHW (vpdpbusd multiplies uint8 activations)
     signed, rep = q.quantize(before, cal, q.QuantConfig(keep=(), vnni_layout=True))
     assert [r["layout"] for r in rep["layers"]][:2] == ["NCHW/OIHW", "NCHW[x]c/OIHW[x/4]i8o4i (VNNI)"]
-    assert q.config_for(targets.get("host")).vnni_layout == _has_avx512vnni()
+    assert (q.config_for(targets.get("host")).int8_isa == "vnni") == _has_avx512vnni()
     assert not q.config_for(targets.get("jetson-orin")).vnni_layout
 
 

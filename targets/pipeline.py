@@ -1,0 +1,178 @@
+"""The compiler as one pipeline of ``tvm.transform`` passes per target and precision.
+
+:func:`pipeline` is the one place that says which passes a build runs; ``build`` (compiler.build.lower and
+targets.compile_module), ``tune`` (the kernels it extracts) and the check of which kernels a tuning database
+covers (compiler.tuning.tasks_applied) all take their passes from it, so what is tuned is what is built::
+
+    graph (Relax -> Relax, target-aware)        FoldBatchnorm -> StripZeroChannels -> precision:
+                                                  fp16          ToMixedPrecision -> FoldConstant
+                                                  int8-weights  ToMixedPrecision -> FoldConstant -> QuantizeWeights
+                                                  int8          Quantize (calibrated) [-> Int8Layout(x86 int8 ISA)]
+    legalize (the kernels MetaSchedule tunes)   library dispatch -> LegalizeOps -> AnnotateTIROpPattern
+                                                  -> FoldConstant -> FuseOps -> FuseTIR
+    lowering (to the target)                    legalize -> MetaScheduleApplyDatabase (a database) -> DLight
+                                                  (CUDA) -> TVM's dataflow lowering and finalization
+
+int8 needs a calibration (:func:`passes.quantize.calibrate`, run on the fp32 module :meth:`Pipeline.fp32` makes)
+before :meth:`Pipeline.graph` can be built. Reports (channels stripped, layers quantized) travel as module
+attributes (:mod:`passes.reports`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+from targets import TargetSpec
+
+__all__ = ["Pipeline", "pipeline", "legalize_passes"]
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+
+
+def legalize_passes(target) -> list:
+    """The target's library dispatch, then legalize and fuse: the PrimFuncs after these are the tuning tasks."""
+    backend = "cuda" if target.kind.name == "cuda" else "cpu_generic"
+    stages = _stages(backend)
+    return stages.library_dispatch_passes(target) + [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def _stages(backend: str):
+    """TVM's per-backend stage lists (the pipeline modules themselves: TVM 0.27's dispatchers in
+    tvm.relax.pipeline reach for ``backend.cuda.dataflow_lower_passes``, which the package does not export)."""
+    import importlib
+
+    return importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
+
+
+def _gpu_rules():
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(
+        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+    )
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The passes for one target and precision (see the module docstring). ``quant``: the
+    :class:`passes.quantize.QuantConfig` int8 uses (from :func:`passes.quantize.config_for` for the target)."""
+
+    spec: TargetSpec | None
+    precision: str
+    quant: object = None
+
+    @property
+    def int8_isa(self) -> str | None:
+        """The x86 int8 instruction set the int8 conv2d layers are packed and tensorized for, None for NCHW."""
+        if self.precision != "int8" or self.quant is None or not self.quant.vnni_layout:
+            return None
+        return self.quant.int8_isa
+
+    def fp32(self) -> tvm.transform.Pass:
+        """BatchNorm folded, zeroed channels stripped: what MACs are counted on and int8 is calibrated on."""
+        from passes.fold_batchnorm import FoldBatchnorm
+        from passes.strip_zero_channels import StripZeroChannels
+
+        return tvm.transform.Sequential([FoldBatchnorm(), StripZeroChannels()], name="fp32")
+
+    def precision_passes(self, calibration=None) -> tvm.transform.Pass:
+        """fp32 -> the precision (int8: ``calibration`` from :func:`passes.quantize.calibrate` is required)."""
+        passes: list = []
+        if self.precision in ("fp16", "int8-weights"):
+            # fp16 storage and arithmetic (the TX2's fast path); inputs and logits stay float32 at the boundary;
+            # FoldConstant turns the casts of constant weights into fp16 constants: half the bytes in the module
+            passes = [relax.transform.ToMixedPrecision(out_dtype="float16"), relax.transform.FoldConstant()]
+        if self.precision == "int8-weights":
+            from passes.quantize_weights import QuantizeWeights
+
+            passes.append(QuantizeWeights("float16"))
+        elif self.precision == "int8":
+            from passes.int8_layout import Int8Layout
+            from passes.quantize import Quantize
+
+            if calibration is None:
+                raise ValueError("int8 needs a calibration (passes.quantize.calibrate on the fp32 module)")
+            passes.append(Quantize(calibration, self.quant))
+            if self.int8_isa is not None:
+                passes.append(Int8Layout(self.int8_isa, calibration.func_name))
+        return tvm.transform.Sequential(passes, name=f"precision.{self.precision}")
+
+    def graph(self, calibration=None) -> tvm.transform.Pass:
+        """The whole Relax -> Relax part: :meth:`fp32` then :meth:`precision_passes`."""
+        return tvm.transform.Sequential([self.fp32(), self.precision_passes(calibration)], name="graph")
+
+    def legalize(self, target=None) -> tvm.transform.Pass:
+        """:func:`legalize_passes` under ``target`` (default the spec's; tune passes its own, with num-cores)."""
+        target = target if target is not None else self.spec.tvm_target()
+        target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+        @tvm.transform.module_pass(opt_level=0, name="legalize")
+        def _legalize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+            with target:
+                return tvm.transform.Sequential(legalize_passes(target))(mod)
+
+        return _legalize
+
+    def lowering(self, database=None) -> tvm.transform.Pass:
+        """The target's Relax pipeline, with the schedules of ``database`` (a MetaSchedule Database or a
+        tuning-log folder) applied after :meth:`legalize`. CUDA: DLight's default GPU rules ending in ``Fallback``
+        so that *every* PrimFunc gets thread bindings; CPU without a database: TVM's default pipeline."""
+        from compiler.tuning import open_database
+
+        spec = self.spec
+        target = spec.tvm_target()
+        db = open_database(database) if database is not None else None
+        if spec.kind == "cpu" and db is None:
+            return relax.get_default_pipeline(target)
+        stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
+        tuned = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if db is not None else []
+        schedule = [_gpu_rules()] if spec.kind == "cuda" else []
+
+        @tvm.transform.module_pass(opt_level=0, name=f"targets.pipeline.{spec.name}")
+        def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+            scope = db if db is not None else contextlib.nullcontext()
+            with target, scope:
+                seq = tvm.transform.Sequential(
+                    legalize_passes(target) + tuned + schedule
+                    + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
+                )
+                return seq(mod)
+
+        return _pipeline
+
+    def space(self, target=None):
+        """MetaSchedule's design space generator: for packed int8 the rules that tensorize with the ISA's
+        intrinsics (:func:`passes.vnni.space_generator`), else MetaSchedule's default for the target."""
+        isa = self.int8_isa
+        if isa is None and self.precision == "int8" and target is not None:
+            from passes import vnni
+
+            isa = vnni.target_int8_isa(target)
+        if isa is not None:
+            from passes import vnni
+
+            return vnni.space_generator(isa)
+        return "post-order-apply"
+
+
+def pipeline(spec: TargetSpec | None, precision: str = "fp32", **quant) -> Pipeline:
+    """The pipeline for ``spec`` (a :class:`targets.TargetSpec`; None: no target facts, NCHW int8) and
+    ``precision``; ``quant``: :class:`passes.quantize.QuantConfig` overrides (method, keep, percentile)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision '{precision}': one of {', '.join(PRECISIONS)}")
+    config = None
+    if precision == "int8":
+        from passes import quantize as q
+
+        config = q.config_for(spec, **quant) if spec is not None else q.QuantConfig(**quant)
+    return Pipeline(spec, precision, config)
