@@ -91,15 +91,10 @@ def run_module(executable, x: np.ndarray, batch: int) -> np.ndarray:
     import tvm
     from tvm import relax
 
+    from compiler.engines.base import in_chunks
+
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    outs = []
-    for i in range(0, len(x), batch):
-        chunk = x[i:i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(vm["main"](tvm.runtime.tensor(np.ascontiguousarray(chunk))).numpy()[:n])
-    return np.concatenate(outs)
+    return in_chunks(lambda chunk: vm["main"](tvm.runtime.tensor(chunk)).numpy(), x, batch)
 
 
 def _top1_on(verify: VerificationInputs, logits: np.ndarray) -> float | None:

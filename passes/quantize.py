@@ -46,6 +46,7 @@ from tvm.relax.expr_functor import mutator
 from passes import calibration as calib
 from passes import reports
 from passes.binding_mutator import BindingMutator
+from passes.patterns import const as _const, dtype as _dtype, is_const as _is_const, op_name as _op_name
 
 __all__ = [
     "QuantConfig", "Layer", "Calibration", "Quantize", "config_for", "find_layers", "calibrate", "quantize",
@@ -59,25 +60,6 @@ _NONNEG_PASSTHROUGH = {
     "relax.reshape", "relax.flatten", "relax.mean", "relax.sum", "relax.max", "relax.permute_dims",
     "relax.squeeze", "relax.expand_dims", "relax.nn.dropout",
 }
-
-
-def _op_name(expr) -> str | None:
-    if isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op):
-        return str(expr.op.name)
-    return None
-
-
-def _is_const(expr) -> bool:
-    return isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.ty, relax.TensorType)
-
-
-def _dtype(expr) -> str | None:
-    ty = expr.ty
-    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
-
-
-def _const(arr: np.ndarray):
-    return relax.const(np.ascontiguousarray(arr), str(arr.dtype))
 
 
 # ---------------------------------------------------------------- configuration
