@@ -222,7 +222,7 @@ def _prune_now(src, s: PruneSettings, graph, settings: dict, train, test, progre
     result = pruner.prune(model, graph, scores, s.flops_reduction, s.round_to, s.floor)
     masks = result.masks
     if s.reconstruct:  # refits to the dense outputs, so the dense BN statistics stay (measured better)
-        _reconstruct(model, src.model, graph, masks, train, normalize, s.reconstruct, s.seed, say)
+        _reconstruct(model, src.model, graph, masks, train, normalize, s.reconstruct, s.seed, say, progress)
     elif s.bn_batches:
         small = pruner.shrink(model, graph, masks)
         pruner.recalibrate_bn(small, (x for x, _ in _batches(train, normalize, 128, s.bn_batches,
@@ -242,13 +242,13 @@ def _prune_now(src, s: PruneSettings, graph, settings: dict, train, test, progre
 
 
 def _reconstruct(model, dense, graph, masks, train: data.Split, normalize: str, images: int, seed: int,
-                 say=None) -> None:
+                 say=None, progress: bool = True) -> None:
     """Least-squares refit of the pruned model's conv2d layers to the dense outputs (see prune/reconstruct.py)."""
     small = pruner.shrink(model, graph, masks)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))[:images]
     x = data.normalize(train.images[pick], normalize).to(next(small.parameters()).dtype)
     out_index = {name: keep.nonzero().flatten() for name, keep in masks.items()}
-    fits = reconstruct.reconstruct(small, dense, out_index, x, seed=seed)
+    fits = reconstruct.reconstruct(small, dense, out_index, x, seed=seed, progress=progress)
     pruner.expand_into(model, small, graph, masks)
     if fits and say:
         before = sum(f.error_before for f in fits) / len(fits)

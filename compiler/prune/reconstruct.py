@@ -72,18 +72,18 @@ def _capture(model: nn.Module, name: str, x: torch.Tensor, what: str) -> torch.T
 @torch.no_grad()
 def reconstruct(small: nn.Module, dense: nn.Module, out_index: dict[str, torch.Tensor], images: torch.Tensor,
                 positions_per_image: int = 64, ridge: float = 1e-3, batch: int = 256, seed: int = 0,
-                desc: str = "reconstruct") -> list[LayerFit]:
+                desc: str = "reconstruct", progress: bool = True) -> list[LayerFit]:
     """Refit every conv2d of ``small`` but the first (whose input is the image) in place, in forward order.
 
-    ``out_index[name]``: the dense conv's output channels the shrunk conv kept (all where absent); ``images``: normalized inputs
-    (a few hundred training images). Returns one :class:`LayerFit` per refitted conv.
+    ``out_index[name]``: the dense conv's output channels the shrunk conv kept (all where absent); ``images``:
+    normalized inputs (a few hundred training images). Returns one :class:`LayerFit` per refitted conv.
     """
     small.eval()
     dense.eval()
     convs = [n for n, m in small.named_modules() if isinstance(m, nn.Conv2d)]
     gen = torch.Generator().manual_seed(seed)
     fits: list[LayerFit] = []
-    for name in console.progress(convs[1:], desc=desc, unit="conv"):
+    for name in console.progress(convs[1:], desc=desc, unit="conv", disable=not progress or None):
         conv = small.get_submodule(name)
         if conv.groups != 1:
             continue
