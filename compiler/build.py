@@ -135,6 +135,10 @@ def board_threads(spec) -> dict:
     if spec.kind == "cuda":
         return {"threads": None, "measured_ms": None,
                 "how": "the GPU runs the kernels; host threads only launch them (TVM's default is fine)"}
+    if spec.kind == "cpu" and not spec.cross_compiled:
+        return {"threads": None, "measured_ms": None,
+                "how": "not measured (this CPU lacks the class's features): time it on a CPU of the class with "
+                       "`bench --artifact`, TVM_NUM_THREADS=1, 2, ..."}
     return {"threads": None, "measured_ms": None,
             "how": "not measured (built for another machine): on the board, time it with TVM_NUM_THREADS=1, 2, ..."}
 
@@ -286,8 +290,8 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
     verification = verify(ckpt, lowered.module, executable, spec, prec, settings)
     steps.update()
     steps.set_postfix_str("time thread counts")
-    runs_here = spec.kind == "cpu" and not spec.cross_compiled
-    runtime = measure_threads(executable, settings.batch) if runs_here else board_threads(spec)
+    # an x86 class above this CPU's is built here but never run here (its instructions would SIGILL)
+    runtime = measure_threads(executable, settings.batch) if targets.runs_here(spec) else board_threads(spec)
     steps.set_postfix_str("write artifact")
     facts = {"precision": prec, "precision_reason": prec_reason, "tuning": tuning.manifest_entry(tuning_info, applied),
              "runtime": runtime, "verification": verification, "note": untrained_note, "t_start": t_start}
@@ -400,7 +404,8 @@ def tuning_line(m: dict) -> str:
     t = m["tuning"]
     if t.get("database"):
         how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
-        return f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{how})"
+        fixed = f"; {t['fixed_schedules']} layout kernels with a fixed schedule" if t.get("fixed_schedules") else ""
+        return f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how})"
     if m["target"]["kind"] != "cpu" or m["target"]["cross_compiled"]:
         return f"{t.get('note')}; tune on the board over RPC: see `python -m compiler tune --help`"
     ck = f" --checkpoint {m['checkpoint']['path']}" if not m["checkpoint"].get("shipped") else ""

@@ -473,7 +473,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
 
     passes = pipeline(spec, prec)  # the passes build runs: the kernels tuned are the kernels built
     legal = passes.legalize(target)(mod)
-    extracted = extract_tasks(legal, target)
+    extracted = [t for t in extract_tasks(legal, target) if not _prescheduled(t)]
     if not extracted:
         raise UserError("the module has no kernels to tune")
 
@@ -575,6 +575,16 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
         "runner": session["runner"],
         "timing_note": session.get("timing_note"),
     }
+
+
+def _prescheduled(task) -> bool:
+    """A kernel the pipeline already scheduled (passes.schedule_layout): nothing to tune."""
+    for mod in (task.mod, *task.dispatched):
+        for _gv, func in mod.functions_items():
+            attrs = func.attrs or {}
+            if "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1:
+                return True
+    return False
 
 
 def _runs_here(spec) -> bool:

@@ -525,8 +525,9 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
 
 def tasks_applied(mod, spec, database) -> dict:
     """How many of ``mod``'s kernels ``database`` schedules when built for ``spec``: runs the build's front half
-    and MetaScheduleApplyDatabase, then counts the PrimFuncs marked scheduled. ``{"applied", "tasks", "missing"}``
-    (distinct kernels; a kernel used twice counts once)."""
+    and MetaScheduleApplyDatabase, then counts the PrimFuncs marked scheduled. ``{"applied", "tasks", "missing",
+    "fixed"}`` (distinct kernels; a kernel used twice counts once; ``fixed``: kernels the pipeline schedules
+    itself, the int8 layout kernels of passes.schedule_layout, which are not tuning tasks)."""
     import tvm_ffi
     from tvm import relax, tirx
 
@@ -538,17 +539,25 @@ def tasks_applied(mod, spec, database) -> dict:
     with target, database:
         applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
     seen: dict[int, tuple[str, bool]] = {}
+    fixed = set()
     for gv, func in legal.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
+        if _is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout): not a tuning task
+            fixed.add(tvm_ffi.structural_hash(func.with_attr("global_symbol", "main")))
+            continue
         new = applied_mod[gv]
-        scheduled = bool(new.attrs is not None and "tirx.is_scheduled" in new.attrs
-                         and int(new.attrs["tirx.is_scheduled"]) == 1)
+        scheduled = _is_scheduled(new)
         key = tvm_ffi.structural_hash(func.with_attr("global_symbol", "main"))
         name, was = seen.get(key, (gv.name_hint, False))
         seen[key] = (name, was or scheduled)
     missing = sorted(name for name, ok in seen.values() if not ok)
-    return {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing}
+    return {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing, "fixed": len(fixed)}
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -567,5 +576,6 @@ def manifest_entry(info: dict, applied: dict | None) -> dict:
     return {"database": shown(info["path"]), "sha256": info["sha256"], "match": info.get("match"),
             "tasks_applied": applied["applied"] if applied else None,
             "tasks": applied["tasks"] if applied else None,
+            "fixed_schedules": applied.get("fixed", 0) if applied else None,
             "trials": info.get("trials"), "tuning_seconds": info.get("seconds"),
             "note": info.get("note")}

@@ -6,6 +6,7 @@ attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per targe
     Quantize           passes/quantize.py             calibrated int8 compute (NCHW)
     QuantizeWeights    passes/quantize_weights.py     int8-stored weights, fp16 compute
     Int8Layout         passes/int8_layout.py          int8 conv2d in the packed layout of x86 int8 dot products
+    ScheduleLayoutKernels passes/schedule_layout.py   a fixed vectorized schedule for that layout's data movers
 
 and cost counting on the IR (passes/analysis.py).
 """

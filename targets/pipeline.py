@@ -10,6 +10,7 @@ covers (compiler.tuning.tasks_applied) all take their passes from it, so what is
                                                   int8          Quantize (calibrated) [-> Int8Layout(x86 int8 ISA)]
     legalize (the kernels MetaSchedule tunes)   library dispatch -> LegalizeOps -> AnnotateTIROpPattern
                                                   -> FoldConstant -> FuseOps -> FuseTIR
+                                                  [-> ScheduleLayoutKernels (CPU): int8 layout kernels, not tuned]
     lowering (to the target)                    legalize -> MetaScheduleApplyDatabase (a database) -> DLight
                                                   (CUDA) -> TVM's dataflow lowering and finalization
 
@@ -37,13 +38,18 @@ def legalize_passes(target) -> list:
     """The target's library dispatch, then legalize and fuse: the PrimFuncs after these are the tuning tasks."""
     backend = "cuda" if target.kind.name == "cuda" else "cpu_generic"
     stages = _stages(backend)
+    fixed = []
+    if target.kind.name == "llvm":  # the packed int8 layout kernels get a fixed schedule, not tuning trials
+        from passes.schedule_layout import ScheduleLayoutKernels
+
+        fixed = [ScheduleLayoutKernels()]
     return stages.library_dispatch_passes(target) + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-    ]
+    ] + fixed
 
 
 def _stages(backend: str):
@@ -126,14 +132,13 @@ class Pipeline:
     def lowering(self, database=None) -> tvm.transform.Pass:
         """The target's Relax pipeline, with the schedules of ``database`` (a MetaSchedule Database or a
         tuning-log folder) applied after :meth:`legalize`. CUDA: DLight's default GPU rules ending in ``Fallback``
-        so that *every* PrimFunc gets thread bindings; CPU without a database: TVM's default pipeline."""
+        so that *every* PrimFunc gets thread bindings; CPU without a database: the same passes (TVM's default
+        pipeline for the CPU plus :class:`passes.schedule_layout.ScheduleLayoutKernels`)."""
         from compiler.tuning import open_database
 
         spec = self.spec
         target = spec.tvm_target()
         db = open_database(database) if database is not None else None
-        if spec.kind == "cpu" and db is None:
-            return relax.get_default_pipeline(target)
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
         tuned = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if db is not None else []
         schedule = [_gpu_rules()] if spec.kind == "cuda" else []

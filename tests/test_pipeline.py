@@ -169,9 +169,13 @@ def test_pipeline_per_target_and_precision():
 # ---------------------------------------------------------------- committed databases still apply
 
 
+_LOWERED: dict = {}
+
+
 @pytest.mark.parametrize("target,prec,folder,least", [("host", "fp32", "resnet56-fp32-7cb8e576", 18),
                                                        ("host", "int8", "resnet56-int8-0d67b7c2", 27),
-                                                       ("x86-64-v3", "int8", "resnet56-int8-810cd591", 27)])
+                                                       ("x86-64-v3", "int8", "resnet56-int8-810cd591", 27),
+                                                       ("host", "int8", "resnet56-int8-810cd591", 27)])
 def test_committed_database_covers_what_build_makes_of_the_shipped_model(target, prec, folder, least):
     """build's module for the shipped (pruned) ResNet56 finds its committed database and the coverage check (the
     same legalize passes the build runs) finds every kernel tuned but, for int8, the classifier's quantize, whose
@@ -185,10 +189,15 @@ def test_committed_database_covers_what_build_makes_of_the_shipped_model(target,
     if why_not:
         pytest.skip(f"the committed database is not for this CPU: {why_not}")
     ckpt = zoo.load(None, None, None)
-    lowered = lower(ckpt.model, 1, prec, spec, normalize=ckpt.normalize, calib_images=8, untrained=True)
+    key = (prec, repr(pipeline(spec, prec).quant))  # host and its class target lower to the same module
+    if key not in _LOWERED:
+        _LOWERED[key] = lower(ckpt.model, 1, prec, spec, normalize=ckpt.normalize, calib_images=8, untrained=True)
+    lowered = _LOWERED[key]
     variant = tuning.variant_of(lowered.module, prec)
     assert f"{ckpt.model_name}-{variant}" == folder
     db, info = tuning.find_database(spec, ckpt.model_name, variant)
     assert db is not None, info["note"]
     applied = tuning.tasks_applied(lowered.module, spec, db)
-    assert applied["applied"] >= least and applied["tasks"] == meta["tasks_in_db"], applied
+    # the int8 layout kernels have a fixed schedule (passes.schedule_layout) and are no tuning tasks any more
+    assert applied["applied"] >= least - applied["fixed"] and applied["tasks"] <= meta["tasks_in_db"], applied
+    assert applied["tasks"] - applied["applied"] <= 1, applied

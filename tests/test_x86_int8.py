@@ -153,6 +153,26 @@ def test_an_x86_64_v4_artifact_is_refused_on_an_avx2_cpu_with_one_line(tmp_path,
     assert rc == 2 and "CPU features" not in err  # v3 passes the CPU check (then the missing library stops it)
 
 
+def test_building_for_a_class_above_this_cpu_never_runs_its_code(tmp_path, monkeypatch, capsys):
+    """Regression (seen on an AVX2-only Zen 3: `build --target x86-64-v4` died of SIGILL while timing thread
+    counts): with the flags of a Zen 3, a v4 build verifies through a host build, records no thread count, and its
+    artifact is then refused with one line instead of run."""
+    import json
+
+    from helpers import assert_user_error, run_cli, saved_resnet8
+
+    _, ckpt = saved_resnet8(tmp_path)
+    monkeypatch.setattr(x86, "cpu_flags", lambda: ZEN3_FLAGS)
+    out = tmp_path / "v4"
+    rc, _, err = run_cli(capsys, "build", "--target", "x86-64-v4", "--model", "resnet8", "--checkpoint", str(ckpt),
+                         "--precision", "fp32", "--out", str(out))
+    assert rc == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["threads"] is None and "lacks" in manifest["runtime"]["how"]
+    assert manifest["verification"]["run_on"].startswith("host")
+    assert_user_error(run_cli(capsys, "bench", "--artifact", str(out)), "avx512")
+
+
 def _fake_log(directory, spec, variant: str):
     import tvm
 

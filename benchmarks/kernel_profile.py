@@ -1,0 +1,91 @@
+"""Per-kernel latency of the module `build` compiles (its tuning database applied), at 1 and 2 threads.
+
+    python benchmarks/kernel_profile.py [--checkpoint CKPT] [--target host] [--precision int8] [--tuning-log DIR]
+
+Lowers the model exactly as `build` does (compiler.build.lower, then the target pipeline with the database
+`build` would pick), compiles every PrimFunc the Relax ``main`` calls on its own, and times it with TVM's
+time_evaluator on random inputs (hot caches: a lower bound of its cost inside the model). Prints one row per
+kernel: calls per image, microseconds per call at 1 and 2 threads, and the totals; the sum is close to, not equal
+to, the model's latency (the VM's own overhead and cold caches are not in it). This TVM build has no Relax VM
+profiler, hence this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet56")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped model")
+    p.add_argument("--target", default="host")
+    p.add_argument("--precision", default="int8")
+    p.add_argument("--tuning-log", default=None, help="default: the database build would apply")
+    p.add_argument("--data", default=None, help="CIFAR-10 folder for the int8 calibration (default: random images)")
+    args = p.parse_args(argv)
+
+    from compiler import threads
+
+    threads.prepare_tvm()
+    import tvm
+    from tvm import tirx
+
+    import targets
+    from compiler import console, tuning, zoo
+    from compiler.build import lower
+    from targets.build import register_tensor_intrinsics, relax_pipeline
+
+    ckpt = zoo.load(args.model, args.checkpoint, None, quiet=True)
+    spec = targets.get(args.target)
+    lowered = lower(ckpt.model, 1, args.precision, spec, data_dir=args.data, normalize=ckpt.normalize,
+                    untrained=args.data is None)
+    variant = tuning.variant_of(lowered.module, args.precision)
+    db, info = tuning.find_database(spec, ckpt.model_name, variant, explicit_dir=args.tuning_log)
+    register_tensor_intrinsics()
+    target = spec.tvm_target()
+    with target:
+        low = relax_pipeline(spec, db)(lowered.module)
+    calls = collections.Counter(re.findall(r"^\s+(\w+)\(", low["main"].script(), re.M))
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    rows = []
+    for gv, func in low.functions_items():
+        name = gv.name_hint
+        if not isinstance(func, tirx.PrimFunc) or name not in calls:
+            continue
+        lib = tvm.compile(func.with_attr("global_symbol", name), target=target)
+        tensors = []
+        for param in func.params:
+            shape, dtype = [int(s) for s in param.shape], str(param.dtype)
+            a = (rng.integers(0, 5, shape) if "int" in dtype else rng.random(shape)).astype(dtype)
+            tensors.append(tvm.runtime.tensor(a, dev))
+        us = {}
+        for n in (1, 2):
+            threads.set_tvm(n)
+            t = lib.mod.time_evaluator(name, dev, number=50, repeat=5, min_repeat_ms=20)(*tensors)
+            us[n] = float(np.median(t.results)) * 1e6
+        attrs = func.attrs or {}
+        rows.append({"kernel": name, "calls": calls[name], "us_1": round(us[1], 1), "us_2": round(us[2], 1),
+                     "total_us_1": round(calls[name] * us[1], 1), "total_us_2": round(calls[name] * us[2], 1),
+                     "scheduled": "fixed" if "vnni_" in name and "conv2d" not in name
+                     and "tirx.is_scheduled" in attrs else ("tuned" if "tirx.is_scheduled" in attrs else "default")})
+    rows.sort(key=lambda r: -r["total_us_1"])
+    print(console.table(rows, ["kernel", "calls", "us_1", "us_2", "total_us_1", "total_us_2", "scheduled"],
+                        title=f"{ckpt.model_name} {args.precision} for {spec.name} on {console.cpu_name()}; "
+                              f"database: {info.get('path') or 'none'}"))
+    print(f"sum of kernels: {sum(r['total_us_1'] for r in rows):.1f} us at 1 thread, "
+          f"{sum(r['total_us_2'] for r in rows):.1f} us at 2; {sum(r['calls'] for r in rows)} calls per image")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
