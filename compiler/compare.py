@@ -402,7 +402,7 @@ def compare(dense, pruned, s: CompareSettings, *, progress: bool = True) -> dict
     if s.keep:
         from compiler import fileio
 
-        fileio.check_output(s.keep, is_ours=_is_keep_dir, flag="--keep", what="--keep folder of compare",
+        fileio.check_output(s.keep, is_ours=_is_keep_dir, field="keep", what="keep folder of compare",
                             inputs=(dense.path, pruned and pruned.path, s.data, *s.artifacts))
     given, batch = given_artifacts(s, dense, pruned)
     b = bench_for(dense, pruned, s, batch, counts)

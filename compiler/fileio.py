@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 
 @contextlib.contextmanager
@@ -50,59 +50,65 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
+def check_writable(path: str | os.PathLike, field: str = "out") -> Path:
     """Pre-flight before the work starts: ``path`` (a file or folder, existing or not) can be created or replaced.
 
     The nearest existing folder at or above ``path`` must take a new file (tried, not guessed from mode bits).
+    A refusal is a :class:`SettingError` on ``field``, the setting that named ``path``.
     """
     path = Path(path).expanduser()
     probe = path.absolute() if path.is_dir() else path.absolute().parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"cannot write {flag} {path}: {probe} is a file, not a folder")
+        raise SettingError(field, f"{path}: cannot write there, {probe} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=probe, prefix=".write-test."):
             pass
     except OSError as e:
-        raise UserError(f"cannot write {flag} {path}: {probe} is not writable ({e.strerror or e})") from None
+        raise SettingError(field, f"{path}: cannot write there, {probe} is not writable ({e.strerror or e})") from None
     return path
 
 
 def check_output(path: str | os.PathLike, *, kind: str = "folder", is_ours: Callable[[Path], bool] | None = None,
-                 what: str = "output of this project", inputs: Iterable = (), flag: str = "--out") -> Path:
+                 what: str = "output of this project", inputs: Iterable = (), field: str = "out") -> Path:
     """The one rule for everything a verb writes: never replace what this project did not write.
 
     Refused: the working folder or one of its parents, a path that is or holds one of ``inputs`` (the checkpoint
     ...), a file where a folder is wanted (and the reverse), and an existing non-empty folder (``kind="folder"``)
     or existing file (``kind="file"``) unless ``is_ours(path)`` recognises it as this project's earlier output.
-    An empty folder may be used. Then :func:`check_writable`. Nothing is changed here.
+    An empty folder may be used. Then :func:`check_writable`. Nothing is changed here. A refusal is a
+    :class:`SettingError` on ``field``, the setting that named ``path`` (the CLI names its flag).
     """
     path = Path(path).expanduser()
     real = path.resolve()
     cwd = Path.cwd().resolve()
-    keep = f"choose another {flag} (nothing was changed)"
+    keep = f"choose another {kind} (nothing was changed)"
+
+    def refuse(problem: str):
+        return SettingError(field, f"{path} {problem}; {keep}")
+
     if _within(cwd, real):
-        raise UserError(f"{flag} {path} is the working folder or one of its parents; {keep}")
+        raise refuse("is the working folder or one of its parents")
     for item in inputs:
         if item is not None and _within(Path(item).expanduser().resolve(), real):
-            raise UserError(f"{flag} {path} is or holds the input {item}; {keep}")
+            raise refuse(f"is or holds the input {item}")
     if path.exists() or path.is_symlink():
         if kind == "folder":
             if not path.is_dir():
-                raise UserError(f"{flag} {path} exists and is not a folder; {keep}")
+                raise refuse("exists and is not a folder")
             try:
                 used = any(path.iterdir())
             except OSError as e:
-                raise UserError(f"cannot read {flag} {path} ({e.strerror or e}); {keep}") from None
+                raise refuse(f"cannot be read ({e.strerror or e})") from None
             if used and not (is_ours is not None and is_ours(path)):
-                raise UserError(f"{flag} {path} is a folder that is neither empty nor an earlier {what}; {keep}")
+                raise refuse(f"is a folder that is neither empty nor an earlier {what}")
         else:
             if path.is_dir():
-                raise UserError(f"{flag} {path} is a folder, not a file; {keep}")
+                raise refuse("is a folder, not a file")
             if not (is_ours is not None and is_ours(path)):
-                raise UserError(f"{flag} {path} exists and is not an earlier {what}; {keep}")
-    return check_writable(path, flag)
+                raise refuse(f"exists and is not an earlier {what}")
+    return check_writable(path, field)
 
 
 def is_empty_dir(path: Path) -> bool:

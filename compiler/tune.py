@@ -407,7 +407,7 @@ def _is_log_dir(directory: Path) -> bool:
 
 def check_log_dir(directory: Path, *inputs) -> None:
     """The log folder is new, empty, or a tuning log of this project; never someone else's folder."""
-    fileio.check_output(directory, is_ours=_is_log_dir, inputs=inputs, flag="--log-dir",
+    fileio.check_output(directory, is_ours=_is_log_dir, inputs=inputs, field="log_dir",
                         what="tuning log of this project")
 
 

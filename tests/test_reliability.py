@@ -161,8 +161,8 @@ def test_every_writer_refuses_a_user_folder(capsys, small, tmp_path):
     ck, d = small / "r8.pt", small
     refused(capsys, "neither empty nor an earlier report", "report", "--models", "resnet8", "--checkpoint", ck,
             "--data", d, "--out", user)
-    refused(capsys, "neither empty nor an earlier --keep folder", "compare", "--checkpoint", ck, "--data", d,
-            "--keep", user)
+    refused(capsys, f"--keep {user} is a folder that is neither empty nor an earlier keep folder of compare",
+            "compare", "--checkpoint", ck, "--data", d, "--keep", user)
     refused(capsys, "is a folder, not a file", "zoo", "--add", small / "done.pt", "--data", d, "--zoo-dir", zoo,
             "--force")
     refused(capsys, "neither empty nor an earlier tuning log", "tune", "--target", "host", "--model", "resnet8",

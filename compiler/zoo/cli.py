@@ -112,7 +112,7 @@ def add(path: str | Path, data_dir=None, *, zoo_dir: Path = zoo.ZOO_DIR, license
         raise SettingError("force", f"is off and a {src.model_name} is already shipped ({dest}): set it to replace that")
     for out in (dest, dest.with_suffix(".json"), dest.with_suffix(".md"), dest.with_suffix(".LICENSE"),
                 dest.with_name(dest.stem + zoo.VERIFY_SUFFIX)):  # force replaces a shipped file, never a folder
-        fileio.check_output(out, kind="file", is_ours=Path.is_file, flag="--zoo-dir", inputs=(path, data_dir),
+        fileio.check_output(out, kind="file", is_ours=Path.is_file, field="zoo_dir", inputs=(path, data_dir),
                             what="shipped checkpoint")
     zoo_dir.mkdir(parents=True, exist_ok=True)
     test = data.load_split(data_dir, "test", download=download)
