@@ -40,16 +40,18 @@ def main(argv=None) -> int:
     from tvm import tirx
 
     import targets
-    from compiler import console, tuning, zoo
+    from compiler import console, zoo
     from compiler.build import lower
-    from targets.build import register_tensor_intrinsics, relax_pipeline
+    from compiler.tuning import database as tuning_db
+    from compiler.tuning.tvm_compat import register_tensor_intrinsics
+    from targets.build import relax_pipeline
 
     ckpt = zoo.load(args.model, args.checkpoint, None, quiet=True)
     spec = targets.get(args.target)
     lowered = lower(ckpt.model, 1, args.precision, spec, data_dir=args.data, normalize=ckpt.normalize,
                     untrained=args.data is None)
-    variant = tuning.variant_of(lowered.module, args.precision)
-    db, info = tuning.find_database(spec, ckpt.model_name, variant, explicit_dir=args.tuning_log)
+    variant = tuning_db.variant_of(lowered.module, args.precision)
+    db, info = tuning_db.find_database(spec, ckpt.model_name, variant, explicit_dir=args.tuning_log)
     register_tensor_intrinsics()
     target = spec.tvm_target()
     with target:

@@ -264,7 +264,8 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
     ``{"artifact": folder, "manifest": {...}}``. Refuses (UserError) to write one that differs from PyTorch."""
     import targets
 
-    from compiler import threads, tuning
+    from compiler import threads
+    from compiler.tuning import database as tuning_db
 
     threads.prepare_tvm()  # before any module runs (calibration): thread counts up to the cores can be timed
     t_start = time.perf_counter()
@@ -281,9 +282,9 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
                     untrained=untrained_note is not None)
     steps.update()
     steps.set_postfix_str(f"compile for {spec.name}")
-    variant = tuning.variant_of(lowered.module, prec)
-    database, tuning_info = tuning.find_database(spec, ckpt.model_name, variant, explicit_dir=settings.tuning_log)
-    applied = tuning.tasks_applied(lowered.module, spec, database) if database is not None else None
+    variant = tuning_db.variant_of(lowered.module, prec)
+    database, tuning_info = tuning_db.find_database(spec, ckpt.model_name, variant, explicit_dir=settings.tuning_log)
+    applied = tuning_db.tasks_applied(lowered.module, spec, database) if database is not None else None
     executable = targets.compile_module(lowered.module, spec, database=database)
     steps.update()
     steps.set_postfix_str("verify against PyTorch")
@@ -293,8 +294,9 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
     # an x86 class above this CPU's is built here but never run here (its instructions would SIGILL)
     runtime = measure_threads(executable, settings.batch) if targets.runs_here(spec) else board_threads(spec)
     steps.set_postfix_str("write artifact")
-    facts = {"precision": prec, "precision_reason": prec_reason, "tuning": tuning.manifest_entry(tuning_info, applied),
-             "runtime": runtime, "verification": verification, "note": untrained_note, "t_start": t_start}
+    facts = {"precision": prec, "precision_reason": prec_reason,
+             "tuning": tuning_db.manifest_entry(tuning_info, applied), "runtime": runtime,
+             "verification": verification, "note": untrained_note, "t_start": t_start}
     manifest = write_artifact(out, executable, ckpt, spec, settings, lowered, facts)
     steps.update()
     steps.close()

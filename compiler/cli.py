@@ -24,7 +24,7 @@ VERBS = {
     "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
     "bench": ("compiler.bench", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
     "zoo": ("compiler.zoo.cli", "list the trained checkpoints shipped with the package, or add one with its card"),
-    "tune": ("compiler.tune", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
+    "tune": ("compiler.tuning.cli", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
     "compare": ("compiler.compare", "PyTorch eager, ONNX Runtime, TVM (and TensorRT where present) side by side"),
     "board": ("targets.board_cli", "the emulated aarch64 board (qemu-user): set it up, run TVM's RPC server in it"),
     "report": ("compiler.report", "the paper's table per model: baseline, pruned, pruned + int8, with plots"),

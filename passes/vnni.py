@@ -27,7 +27,8 @@ TVM_NAME = "dot_16x4_vnni"
 OC_BLOCK = 16  # output channels per zmm vpdpbusd: the block of every conv whose width is a multiple of 16
 OC_BLOCKS = {16: INTRIN_NAME, 8: INTRIN_NAME_8}  # output-channel block -> the intrinsic that computes it
 K_BLOCK = 4  # input channels per lane (4 bytes of one int32 lane)
-# names of the PrimFuncs the packed int8 rewrite (passes.int8_layout) emits: compiler.tuning names variants by them
+# names of the PrimFuncs the packed int8 rewrite (passes.int8_layout) emits: compiler.tuning.database names
+# variants by them
 CONV_NAME, UNPACK_NAME = "conv2d_nchwc_int8", "vnni_unpack"
 REPACK_NAME, FLOAT_PACK_NAME = "vnni_quantize_repack", "vnni_pack_float"
 KERNEL_NAMES = (CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME)

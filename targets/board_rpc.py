@@ -52,7 +52,7 @@ def _alive(pid: int) -> bool:
 
 def emulated_server(tracker: str, key: str) -> dict | None:
     """The record of a live emulated server registered (by this machine) with ``tracker`` under ``key``."""
-    from compiler.tune import parse_tracker
+    from compiler.tuning.tracker import parse_tracker
 
     host, port = parse_tracker(tracker)
     if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
@@ -72,7 +72,7 @@ class EmulatedServer:
     """One TVM RPC server in the emulated board. ``start()``, ``wait_registered()``, ``stop()``."""
 
     def __init__(self, tracker: str, key: str, port: int = 9090, log_path: str | Path | None = None):
-        from compiler.tune import parse_tracker
+        from compiler.tuning.tracker import parse_tracker
 
         self.host, self.tracker_port = parse_tracker(tracker)
         self.tracker = f"{self.host}:{self.tracker_port}"
@@ -101,7 +101,7 @@ class EmulatedServer:
         return self
 
     def registered(self) -> bool:
-        from compiler.tune import servers_for_key, tracker_summary
+        from compiler.tuning.tracker import servers_for_key, tracker_summary
 
         try:
             return servers_for_key(tracker_summary(self.host, self.tracker_port, timeout=5), self.key) > 0
@@ -153,7 +153,7 @@ def serve_foreground(tracker: str | None, key: str | None, port: int) -> dict:
     if not tracker or not key:
         raise UserError("rpc-server needs --tracker HOST:PORT and --key KEY (start a tracker with "
                         "`python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190`)")
-    from compiler.tune import parse_tracker, tracker_summary
+    from compiler.tuning.tracker import parse_tracker, tracker_summary
 
     tracker_summary(*parse_tracker(tracker))  # a clear error now when no tracker answers there
 

@@ -20,14 +20,6 @@ from targets import TargetSpec
 from targets.cuda import cuda_compile_callback
 
 
-def register_tensor_intrinsics() -> None:
-    """Register this project's CPU tensor intrinsics (passes.vnni: vpdpbusd, vpmaddubsw) so that
-    MetaScheduleApplyDatabase can replay tuned traces that tensorize with them (cheap; idempotent)."""
-    from passes import vnni
-
-    vnni.register()
-
-
 def relax_pipeline(spec: TargetSpec, database=None) -> tvm.transform.Pass:
     """The Relax pass pipeline for ``spec`` (a module pass; run it under the target, as compile_module does):
     :meth:`targets.pipeline.Pipeline.lowering`."""

@@ -2,7 +2,8 @@
 
 :func:`pipeline` is the one place that says which passes a build runs; ``build`` (compiler.build.lower and
 targets.compile_module), ``tune`` (the kernels it extracts) and the check of which kernels a tuning database
-covers (compiler.tuning.tasks_applied) all take their passes from it, so what is tuned is what is built::
+covers (compiler.tuning.database.tasks_applied) all take their passes from it, so what is tuned is what is
+built::
 
     graph (Relax -> Relax, target-aware)        FoldBatchnorm -> StripZeroChannels -> precision:
                                                   fp16          ToMixedPrecision -> FoldConstant
@@ -134,7 +135,7 @@ class Pipeline:
         tuning-log folder) applied after :meth:`legalize`. CUDA: DLight's default GPU rules ending in ``Fallback``
         so that *every* PrimFunc gets thread bindings; CPU without a database: the same passes (TVM's default
         pipeline for the CPU plus :class:`passes.schedule_layout.ScheduleLayoutKernels`)."""
-        from compiler.tuning import open_database
+        from compiler.tuning.database import open_database
 
         spec = self.spec
         target = spec.tvm_target()

@@ -39,9 +39,12 @@ def test_import_is_light():
 def test_verbs_keep_their_names_beside_their_modules():
     import compiler
     from compiler.build import lower  # noqa: F401 - the module, by its full name
-    import compiler.tune  # noqa: F401
+    import compiler.compare  # noqa: F401
+    import compiler.prune.job  # noqa: F401
+    import compiler.tuning.session  # noqa: F401 - tune's package has its own name
 
     assert callable(compiler.build) and callable(compiler.tune) and callable(compiler.prune)
+    assert callable(compiler.compare) and compiler.tune is compiler.api.tune
     from compiler import build
 
     assert build is compiler.api.build

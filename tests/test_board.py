@@ -155,7 +155,7 @@ def emulated_farm(board, tmp_path_factory):
     import sys
 
     from compiler.errors import UserError
-    from compiler.tune import tracker_summary
+    from compiler.tuning.tracker import tracker_summary
     from targets.board_rpc import EmulatedServer
 
     port = _free_port()
@@ -195,9 +195,9 @@ def emulated_farm(board, tmp_path_factory):
 
 
 def _records(directory: Path) -> int:
-    from compiler import tuning
+    from compiler.tuning import database
 
-    path = directory / tuning.RECORD_FILE
+    path = directory / database.RECORD_FILE
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
@@ -209,7 +209,7 @@ def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
     import subprocess
     import sys
 
-    from compiler import tuning
+    from compiler.tuning import database
     from targets.board_rpc import emulated_server
 
     address, start, servers = emulated_farm
@@ -236,7 +236,7 @@ def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
     assert last.startswith("error: the RPC server under key") and "stopped serving" in last, err
     kept = _records(db)
     assert kept >= 12 and f"keeps all {kept} records" in last and "run the same command again" in last
-    meta = json.loads((db / tuning.META_FILE).read_text())
+    meta = json.loads((db / database.META_FILE).read_text())
     assert meta["trials"] == kept and not meta["sessions"][-1]["completed"]
     assert "say nothing about a real board" in meta["timing_note"]
 
@@ -246,7 +246,7 @@ def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["trials"] == 1 and result["trials_total"] == kept + 1
-    assert "[emulated board]" in json.loads((db / tuning.META_FILE).read_text())["sessions"][-1]["runner"]
+    assert "[emulated board]" in json.loads((db / database.META_FILE).read_text())["sessions"][-1]["runner"]
     assert "say nothing about a real board" in done.stdout + done.stderr
 
     out_dir = tmp_path / "tuned"

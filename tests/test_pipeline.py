@@ -180,12 +180,13 @@ def test_committed_database_covers_what_build_makes_of_the_shipped_model(target,
     """build's module for the shipped (pruned) ResNet56 finds its committed database and the coverage check (the
     same legalize passes the build runs) finds every kernel tuned but, for int8, the classifier's quantize, whose
     scale is inlined (another calibration: the random one here)."""
-    from compiler import tuning, zoo
+    from compiler import zoo
+    from compiler.tuning import database
     from compiler.build import lower
 
     spec = targets.get(target)
-    meta = tuning.read_meta(tuning.DEFAULT_ROOT / target / folder)
-    how, why_not = tuning.target_match(meta, spec)
+    meta = database.read_meta(database.DEFAULT_ROOT / target / folder)
+    how, why_not = database.target_match(meta, spec)
     if why_not:
         pytest.skip(f"the committed database is not for this CPU: {why_not}")
     ckpt = zoo.load(None, None, None)
@@ -193,11 +194,11 @@ def test_committed_database_covers_what_build_makes_of_the_shipped_model(target,
     if key not in _LOWERED:
         _LOWERED[key] = lower(ckpt.model, 1, prec, spec, normalize=ckpt.normalize, calib_images=8, untrained=True)
     lowered = _LOWERED[key]
-    variant = tuning.variant_of(lowered.module, prec)
+    variant = database.variant_of(lowered.module, prec)
     assert f"{ckpt.model_name}-{variant}" == folder
-    db, info = tuning.find_database(spec, ckpt.model_name, variant)
+    db, info = database.find_database(spec, ckpt.model_name, variant)
     assert db is not None, info["note"]
-    applied = tuning.tasks_applied(lowered.module, spec, db)
+    applied = database.tasks_applied(lowered.module, spec, db)
     # the int8 layout kernels have a fixed schedule (passes.schedule_layout) and are no tuning tasks any more
     assert applied["applied"] >= least - applied["fixed"] and applied["tasks"] <= meta["tasks_in_db"], applied
     assert applied["tasks"] - applied["applied"] <= 1, applied

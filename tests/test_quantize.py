@@ -627,12 +627,12 @@ def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
     and the library holds vpdpbusd on both register widths."""
     if not _has_avx512vnni():
         pytest.skip("this CPU has no avx512vnni: nothing to tensorize with vpdpbusd")
-    from compiler import tuning
-    from compiler.tune import space_for, tune_module
+    from compiler.tuning import database
+    from compiler.tuning.session import space_for, tune_module
 
     spec = targets.get("host")
-    assert space_for("int8", tuning.tune_target(spec)) != "post-order-apply"
-    assert space_for("fp32", tuning.tune_target(spec)) == "post-order-apply"
+    assert space_for("int8", database.tune_target(spec)) != "post-order-apply"
+    assert space_for("fp32", database.tune_target(spec)) == "post-order-apply"
     rng = np.random.default_rng(10)
     w1 = rng.normal(0, 0.2, (8, 16, 3, 3)).astype(F32)
     w2 = rng.normal(0, 0.2, (16, 8, 3, 3)).astype(F32)
@@ -647,7 +647,7 @@ def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
     qmod, _ = q.quantize(mod, cal, q.config_for(spec, keep=()))
     assert "conv2d_nchwc_int8" in qmod.script(show_meta=False)
     # the variant hash names the packed conv's shapes (the module has no relax.nn.conv2d left)
-    sig = tuning.shape_signature(qmod)
+    sig = database.shape_signature(qmod)
     assert [s[0] for s in sig if "conv2d" in s[0]] == ["call_tir:conv2d_nchwc_int8"] * 2
     weights = [s[1][1] for s in sig if "conv2d" in s[0]]
     # 16 -> 8: one 8-channel output block (ymm); 8 -> 16: ic 8 is one input block of 2 x 4, oc one 16-block (zmm)
@@ -656,8 +656,8 @@ def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
                          population=8, seed=0, show_progress=False)
     conv = [r for r in result["tasks"] if "conv2d_nchwc_int8" in r["task"]]
     assert len(conv) == 2 and all(r["best_ms"] is not None for r in conv), result["tasks"]
-    db = tuning.open_database(tmp_path / "db")
-    assert tuning.tasks_applied(qmod, spec, db)["applied"] >= 2
+    db = database.open_database(tmp_path / "db")
+    assert database.tasks_applied(qmod, spec, db)["applied"] >= 2
     ex = targets.compile_module(qmod, spec, database=db)
     lib = tmp_path / "m.so"
     ex.export_library(str(lib))

@@ -384,7 +384,7 @@ def test_tracker_hint_works_for_ports_above_9199():
     import re
     import socket
 
-    from compiler.tune import tracker_summary
+    from compiler.tuning.tracker import tracker_summary
 
     with socket.socket() as s:  # a free port, above TVM's default --port-end
         s.bind(("127.0.0.1", 0))

@@ -107,7 +107,7 @@ def _lowering_tail(target) -> list:
 def test_tune_extracts_no_layout_kernel():
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
 
-    from compiler.tune import _prescheduled
+    from compiler.tuning.session import _prescheduled
 
     packed, _ = _packed_module()
     spec = targets.get("x86-64-v3")

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from compiler import cli, tuning
+from compiler import cli
 from compiler.errors import UserError
 from compiler.models import build_model
+from compiler.tuning import database
 from helpers import randomize_bn, saved_resnet8
 
 KEY = "tune-test"
@@ -57,7 +58,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def rpc_farm():
     """A TVM RPC tracker and one server under KEY, both on 127.0.0.1 with free ports."""
-    from compiler.tune import servers_for_key, tracker_summary
+    from compiler.tuning.tracker import servers_for_key, tracker_summary
 
     port = free_port()
     tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
@@ -113,7 +114,7 @@ def lowered(resnet8):
 @pytest.fixture(scope="module")
 def tuned(rpc_farm, lowered, host, tmp_path_factory):
     """One short tuning run through the tracker into a fresh database folder."""
-    from compiler.tune import tune_module
+    from compiler.tuning.session import tune_module
 
     directory = tmp_path_factory.mktemp("logs") / "host" / "resnet8-db"
     t0 = time.perf_counter()
@@ -137,7 +138,7 @@ def test_unreachable_tracker_fails_fast(capsys, resnet8):
 
 def test_silent_tracker_times_out():
     """Something that accepts the connection but never speaks: bounded by the socket timeout, not TVM's 60 s."""
-    from compiler.tune import check_tracker
+    from compiler.tuning.tracker import check_tracker
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,7 +150,7 @@ def test_silent_tracker_times_out():
 
 
 def test_no_server_under_key(rpc_farm):
-    from compiler.tune import check_tracker
+    from compiler.tuning.tracker import check_tracker
 
     assert check_tracker(rpc_farm, KEY) == 1
     with pytest.raises(UserError, match="no RPC server is registered under key 'nobody'.*rpc_server"):
@@ -166,19 +167,19 @@ def test_rpc_tuning_writes_database_that_build_applies(tuned, lowered, resnet8, 
     from compiler.build import run_module
 
     directory = Path(tuned["log_dir"])
-    assert (directory / tuning.WORKLOAD_FILE).is_file() and (directory / tuning.RECORD_FILE).is_file()
+    assert (directory / database.WORKLOAD_FILE).is_file() and (directory / database.RECORD_FILE).is_file()
     assert tuned["trials"] == TRIALS and tuned["trials_total"] == TRIALS
     assert tuned["runner"].startswith("rpc 127.0.0.1:")
     assert tuned["tasks_in_db"] >= len(tuned["tasks"]) - 2, tuned["tasks"]  # a kernel may fail its one trial
-    meta = json.loads((directory / tuning.META_FILE).read_text())
+    meta = json.loads((directory / database.META_FILE).read_text())
     assert meta["target"]["name"] == "host" and meta["model"] == "resnet8"
-    assert meta["variant"] == tuned["variant"] == tuning.variant_of(lowered, "fp32")
+    assert meta["variant"] == tuned["variant"] == database.variant_of(lowered, "fp32")
     assert meta["trials"] == TRIALS and meta["sessions"][-1]["completed"]
     assert json.loads(json.dumps(meta)) == meta
 
-    db, info = tuning.find_database(host, "resnet8", tuned["variant"], explicit_dir=directory)
+    db, info = database.find_database(host, "resnet8", tuned["variant"], explicit_dir=directory)
     assert db is not None and info["tasks_in_db"] == tuned["tasks_in_db"] and len(info["sha256"]) == 64
-    applied = tuning.tasks_applied(lowered, host, db)
+    applied = database.tasks_applied(lowered, host, db)
     assert applied["tasks"] == len(tuned["tasks"])
     assert applied["applied"] == tuned["tasks_in_db"], applied
 
@@ -228,7 +229,7 @@ def test_resume_through_the_cli_continues_the_database(tuned, resnet8, capsys):
     assert set(result) >= {"log_dir", "tasks", "trials", "seconds", "variant"}
     assert result["variant"] == tuned["variant"] and result["trials"] == 2
     assert result["trials_total"] == TRIALS + 2
-    meta = json.loads((directory / tuning.META_FILE).read_text())
+    meta = json.loads((directory / database.META_FILE).read_text())
     assert meta["trials"] == TRIALS + 2 and len(meta["sessions"]) == 2 and meta["sessions"][1]["runner"] == "local"
     assert "task" in out and "best_ms" in out  # the summary table
 
@@ -237,47 +238,47 @@ def _fake_log(directory: Path, spec, model: str, variant: str) -> Path:
     import tvm
 
     directory.mkdir(parents=True)
-    tuning.write_meta(directory, tuning.new_meta(spec, tvm.target.Target(spec.target_json()), model, variant,
+    database.write_meta(directory, database.new_meta(spec, tvm.target.Target(spec.target_json()), model, variant,
                                                  "fp32", 1, [], []))
-    (directory / tuning.WORKLOAD_FILE).write_text("")
-    (directory / tuning.RECORD_FILE).write_text("")
+    (directory / database.WORKLOAD_FILE).write_text("")
+    (directory / database.RECORD_FILE).write_text("")
     return directory
 
 
 def test_logs_for_another_target_model_or_variant_are_refused(tmp_path, host, lowered):
     import targets
 
-    from compiler.tune import tune_module
+    from compiler.tuning.session import tune_module
 
-    variant = tuning.variant_of(lowered, "fp32")
+    variant = database.variant_of(lowered, "fp32")
     tx2 = _fake_log(tmp_path / "tx2", targets.get("jetson-tx2"), "resnet8", variant)
     with pytest.raises(UserError, match="tuned for target 'jetson-tx2', not 'host'"):
-        tuning.find_database(host, "resnet8", variant, explicit_dir=tx2)
+        database.find_database(host, "resnet8", variant, explicit_dir=tx2)
     other_model = _fake_log(tmp_path / "r20", host, "resnet20", variant)
     with pytest.raises(UserError, match="tuned for model 'resnet20', not 'resnet8'"):
-        tuning.find_database(host, "resnet8", variant, explicit_dir=other_model)
+        database.find_database(host, "resnet8", variant, explicit_dir=other_model)
     other_variant = _fake_log(tmp_path / "var", host, "resnet8", "fp32-00000000")
     with pytest.raises(UserError, match="variant fp32-00000000"):
-        tuning.find_database(host, "resnet8", variant, explicit_dir=other_variant)
+        database.find_database(host, "resnet8", variant, explicit_dir=other_variant)
     # tune refuses to append to them too, before any tuning starts
     with pytest.raises(UserError, match="tuned for model 'resnet20'"):
         tune_module(lowered, host, "resnet8", "fp32", 1, 4, directory=other_model)
     # a database folder without meta.json cannot be checked: refused
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / tuning.WORKLOAD_FILE).write_text("")
-    (bare / tuning.RECORD_FILE).write_text("")
+    (bare / database.WORKLOAD_FILE).write_text("")
+    (bare / database.RECORD_FILE).write_text("")
     with pytest.raises(UserError, match="no meta.json"):
-        tuning.find_database(host, "resnet8", variant, explicit_dir=bare)
+        database.find_database(host, "resnet8", variant, explicit_dir=bare)
     with pytest.raises(UserError, match="does not exist"):
-        tuning.find_database(host, "resnet8", variant, explicit_dir=tmp_path / "missing")
+        database.find_database(host, "resnet8", variant, explicit_dir=tmp_path / "missing")
 
     # automatic lookup: nothing there -> untuned; host tuned on another CPU -> skipped with a note
-    db, info = tuning.find_database(host, "resnet8", variant, root=tmp_path / "root")
+    db, info = database.find_database(host, "resnet8", variant, root=tmp_path / "root")
     assert db is None and info["path"] is None and "untuned" in info["note"]
     other_cpu = dataclasses.replace(host, device=dict(host.device, mcpu="some-other-cpu"))
-    _fake_log(tuning.log_dir("host", "resnet8", variant, tmp_path / "root"), other_cpu, "resnet8", variant)
-    db, info = tuning.find_database(host, "resnet8", variant, root=tmp_path / "root")
+    _fake_log(database.log_dir("host", "resnet8", variant, tmp_path / "root"), other_cpu, "resnet8", variant)
+    db, info = database.find_database(host, "resnet8", variant, root=tmp_path / "root")
     assert db is None and "some-other-cpu" in info["note"]
 
 
@@ -294,19 +295,19 @@ def test_records_tuned_on_another_cpu_of_the_same_isa_class_apply(tmp_path, host
     cls = targets.cpu_class(host.device["mcpu"])
     if cls is None:
         pytest.skip(f"this CPU ({host.device['mcpu']}) is in no x86-64 class (v3/v4): nothing to borrow")
-    variant = tuning.variant_of(lowered, "fp32")
+    variant = database.variant_of(lowered, "fp32")
     root = tmp_path / "root"
     other = next(c for c in SAME_CLASS[cls] if c != host.device["mcpu"])
     assert targets.cpu_class(other) == cls
-    directory = tuning.log_dir("host", "resnet8", variant, root)
+    directory = database.log_dir("host", "resnet8", variant, root)
     _fake_log(directory, dataclasses.replace(host, device=dict(host.device, mcpu=other)), "resnet8", variant)
-    db, info = tuning.find_database(host, "resnet8", variant, root=root)
+    db, info = database.find_database(host, "resnet8", variant, root=root)
     assert db is not None and info["match"].startswith(f"same ISA class {cls}") and other in info["match"]
-    assert tuning.manifest_entry(info, None)["match"] == info["match"]
+    assert database.manifest_entry(info, None)["match"] == info["match"]
     shutil.rmtree(directory)
     foreign = LOWER_OR_HIGHER[cls]
     _fake_log(directory, dataclasses.replace(host, device=dict(host.device, mcpu=foreign)), "resnet8", variant)
-    db, info = tuning.find_database(host, "resnet8", variant, root=root)
+    db, info = database.find_database(host, "resnet8", variant, root=root)
     assert db is None and "skipped" in info["note"] and f"ISA class {targets.cpu_class(foreign)}" in info["note"]
 
 
@@ -314,44 +315,44 @@ def test_torn_last_line_is_repaired(tuned, tmp_path):
     src = Path(tuned["log_dir"])
     directory = tmp_path / "copy"
     shutil.copytree(src, directory, ignore=shutil.ignore_patterns("logs", ".lock"))
-    before = tuning.summarize(directory)
-    records = (directory / tuning.RECORD_FILE).read_bytes()
+    before = database.summarize(directory)
+    records = (directory / database.RECORD_FILE).read_bytes()
     last = records.rstrip(b"\n").split(b"\n")[-1]
     torn = records + last[: len(last) // 2]  # killed mid-append
-    (directory / tuning.RECORD_FILE).write_bytes(torn)
+    (directory / database.RECORD_FILE).write_bytes(torn)
     # a reader (build) loads it from a repaired copy and leaves the files alone (a tune may be appending)
-    db = tuning.open_database(directory)
+    db = database.open_database(directory)
     assert len(db.get_all_tuning_records()) == before["records"]
-    assert (directory / tuning.RECORD_FILE).read_bytes() == torn
+    assert (directory / database.RECORD_FILE).read_bytes() == torn
     # the writer (tune, holding the lock) repairs in place
-    fixed = tuning.repair(directory)
+    fixed = database.repair(directory)
     assert fixed["dropped_lines"] == 1 and fixed["needed"]
-    assert (directory / tuning.RECORD_FILE).read_bytes() == records
-    assert not tuning.repair(directory)["needed"]
+    assert (directory / database.RECORD_FILE).read_bytes() == records
+    assert not database.repair(directory)["needed"]
     # a complete last line that lost its newline gets it back (else the next append would glue onto it)
-    (directory / tuning.RECORD_FILE).write_bytes(records.rstrip(b"\n"))
-    assert tuning.repair(directory)["added_newlines"] == 1
-    assert (directory / tuning.RECORD_FILE).read_bytes() == records
+    (directory / database.RECORD_FILE).write_bytes(records.rstrip(b"\n"))
+    assert database.repair(directory)["added_newlines"] == 1
+    assert (directory / database.RECORD_FILE).read_bytes() == records
     # a damaged line in the middle is corruption, not a crash: refused
     lines = records.split(b"\n")
-    (directory / tuning.RECORD_FILE).write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]))
+    (directory / database.RECORD_FILE).write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]))
     with pytest.raises(UserError, match="corrupt"):
-        tuning.repair(directory)
+        database.repair(directory)
 
 
 def test_variant_names_stripped_shapes_precision_and_batch(lowered, resnet8):
     from compiler.build import lower
 
-    v = tuning.variant_of(lowered, "fp32")
+    v = database.variant_of(lowered, "fp32")
     assert v.startswith("fp32-") and len(v) == len("fp32-") + 8
-    first = tuning.shape_signature(lowered)[0]  # the stem conv: data (batch 1) and weight shapes
+    first = database.shape_signature(lowered)[0]  # the stem conv: data (batch 1) and weight shapes
     assert first[0] == "relax.nn.conv2d" and first[1][0] == [[1, 3, 32, 32], "float32"]
     # other weights, same shapes: same variant (tuning depends on shapes only)
     torch.manual_seed(1)
     other = build_model("resnet8").eval()
     randomize_bn(other, seed=1)
     mod_other = lower(other, 1, "fp32").module
-    assert tuning.variant_of(mod_other, "fp32") == v
+    assert database.variant_of(mod_other, "fp32") == v
     # zeroed (pruned) filters strip to other shapes: another variant
     with torch.no_grad():
         for m in other.modules():
@@ -360,42 +361,11 @@ def test_variant_names_stripped_shapes_precision_and_batch(lowered, resnet8):
                 m.bn1.weight[: m.conv1.out_channels // 2] = 0
                 m.bn1.bias[: m.conv1.out_channels // 2] = 0
     mod_pruned = lower(other, 1, "fp32").module
-    assert tuning.variant_of(mod_pruned, "fp32") != v
-    assert tuning.variant_of(lowered, "fp16") != v.replace("fp32", "fp16")  # precision is in the hash too
-    assert tuning.log_dir("host", "resnet8", v, "/x") == Path("/x/host/resnet8-" + v)
+    assert database.variant_of(mod_pruned, "fp32") != v
+    assert database.variant_of(lowered, "fp16") != v.replace("fp32", "fp16")  # precision is in the hash too
+    assert database.log_dir("host", "resnet8", v, "/x") == Path("/x/host/resnet8-" + v)
     with pytest.raises(UserError):
-        tuning.log_dir("../etc", "resnet8", v)
-
-
-def test_builder_cross_compiles_for_aarch64():
-    """Board targets: the builder links each candidate for aarch64 with zig (targets.export), here, no board."""
-    import targets
-    from tvm.s_tir.meta_schedule.builder import BuilderInput
-    from tvm.script import tirx as T
-
-    from compiler.tune import make_builder
-
-    @T.prim_func(s_tir=True)
-    def add_one(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        for i in range(64):
-            with T.sblock("b"):
-                vi = T.axis.remap("S", [i])
-                b[vi] = a[vi] + T.float32(1)
-
-    import tvm
-
-    spec = targets.get("aarch64-cpu")
-    builder = make_builder(spec, max_workers=1)
-    try:
-        (result,) = builder.build([BuilderInput(tvm.IRModule({"main": add_one}), tuning.tune_target(spec))])
-    finally:
-        builder.close()
-    assert result.error_msg is None, result.error_msg
-    head = Path(result.artifact_path).read_bytes()[:20]
-    assert result.artifact_path.endswith(".so") and head[:4] == b"\x7fELF"
-    assert int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
-    shutil.rmtree(Path(result.artifact_path).parent, ignore_errors=True)
+        database.log_dir("../etc", "resnet8", v)
 
 
 def test_build_verb_applies_the_database(tuned, resnet8, tmp_path, tiny_cifar):
@@ -409,8 +379,8 @@ def test_build_verb_applies_the_database(tuned, resnet8, tmp_path, tiny_cifar):
     manifest = json.loads((out / "manifest.json").read_text())
     t = manifest["tuning"]
     assert t["database"] == tuned["log_dir"]
-    assert t["sha256"] == tuning.fileio.sha256_file(Path(tuned["log_dir"]) / tuning.RECORD_FILE)
-    assert t["tasks_applied"] == tuning.summarize(tuned["log_dir"])["tasks_in_db"] > 0
+    assert t["sha256"] == database.fileio.sha256_file(Path(tuned["log_dir"]) / database.RECORD_FILE)
+    assert t["tasks_applied"] == database.summarize(tuned["log_dir"])["tasks_in_db"] > 0
     # a log for another model is refused by build too
     other = _fake_log(tmp_path / "other", targets.get("host"), "resnet20", tuned["variant"])
     assert cli.main(["build", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",

@@ -176,13 +176,13 @@ def test_building_for_a_class_above_this_cpu_never_runs_its_code(tmp_path, monke
 def _fake_log(directory, spec, variant: str):
     import tvm
 
-    from compiler import tuning
+    from compiler.tuning import database
 
     directory.mkdir(parents=True)
-    tuning.write_meta(directory, tuning.new_meta(spec, tvm.target.Target(spec.target_json()), "resnet56", variant,
+    database.write_meta(directory, database.new_meta(spec, tvm.target.Target(spec.target_json()), "resnet56", variant,
                                                  "int8", 1, [], []))
-    (directory / tuning.WORKLOAD_FILE).write_text("")
-    (directory / tuning.RECORD_FILE).write_text("")
+    (directory / database.WORKLOAD_FILE).write_text("")
+    (directory / database.RECORD_FILE).write_text("")
     return directory
 
 
@@ -191,23 +191,23 @@ def test_records_of_a_class_serve_host_and_the_class_target(tmp_path):
     it there), and host records tuned on a Zen 4 apply to the x86-64-v4-vnni target; another class is skipped."""
     import dataclasses
 
-    from compiler import tuning
+    from compiler.tuning import database
 
     root = tmp_path / "logs"
     v3 = targets.get("x86-64-v3")
-    _fake_log(tuning.log_dir("x86-64-v3", "resnet56", "int8-0", root), v3, "int8-0")
+    _fake_log(database.log_dir("x86-64-v3", "resnet56", "int8-0", root), v3, "int8-0")
     host = targets.get("host")
     zen3_host = dataclasses.replace(host, device={"kind": "llvm", "mcpu": "znver3"})
-    how, why = tuning.target_match(tuning.read_meta(tuning.log_dir("x86-64-v3", "resnet56", "int8-0", root)),
+    how, why = database.target_match(database.read_meta(database.log_dir("x86-64-v3", "resnet56", "int8-0", root)),
                                    zen3_host)
     assert why is None and how.startswith("same ISA class x86-64-v3: tuned as x86-64-v3"), how
-    assert tuning.target_match(tuning.read_meta(tuning.log_dir("x86-64-v3", "resnet56", "int8-0", root)),
+    assert database.target_match(database.read_meta(database.log_dir("x86-64-v3", "resnet56", "int8-0", root)),
                                dataclasses.replace(host, device={"kind": "llvm", "mcpu": "znver4"}))[0] is None
     zen4_host = dataclasses.replace(host, device={"kind": "llvm", "mcpu": "znver4"})
-    _fake_log(tuning.log_dir("host", "resnet56", "int8-1", root), zen4_host, "int8-1")
-    db, info = tuning.find_database(targets.get("x86-64-v4-vnni"), "resnet56", "int8-1", root=root)
+    _fake_log(database.log_dir("host", "resnet56", "int8-1", root), zen4_host, "int8-1")
+    db, info = database.find_database(targets.get("x86-64-v4-vnni"), "resnet56", "int8-1", root=root)
     assert db is not None and "tuned as host on -mcpu=znver4" in info["match"], info
-    db, info = tuning.find_database(targets.get("x86-64-v4"), "resnet56", "int8-1", root=root)
+    db, info = database.find_database(targets.get("x86-64-v4"), "resnet56", "int8-1", root=root)
     assert db is None and "untuned" in info["note"]
 
 

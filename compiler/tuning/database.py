@@ -1,4 +1,4 @@
-"""MetaSchedule tuning databases: where they live, which module they fit, and opening one for ``build``.
+"""MetaSchedule tuning databases: where they live, which module they fit, which one ``build`` applies, opening one.
 
 Layout (see tuning_logs/README.md)::
 
@@ -38,13 +38,13 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
-DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "tuning_logs"
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "tuning_logs"
 
 # ops whose shapes name the variant (the ones that carry the FLOPs and that pruning / precision change)
 VARIANT_OPS = ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.conv2d_transpose", "relax.matmul", "relax.nn.dense")
 _ATTRS = ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout", "out_layout", "out_dtype")
 # a measured record that failed to build or run has this run time (SortTuningRecordByMeanRunSecs::kMaxMeanTime)
-_FAILED_SECS = 1e10
+FAILED_SECS = 1e10
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,12 +157,12 @@ def tune_target(spec, num_cores: int | None = None):
     target = spec.target_json()
     if spec.kind == "cpu" and "num-cores" not in target:
         if num_cores is None:
-            num_cores = _physical_cores() if not spec.cross_compiled else 4
+            num_cores = physical_cores() if not spec.cross_compiled else 4
         target = {**target, "num-cores": int(num_cores)}
     return tvm.target.Target(target)
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
     try:
         from tvm.s_tir.meta_schedule.utils import cpu_count
 
@@ -203,7 +203,7 @@ def _clean_lines(path: Path, n_workloads: int | None) -> tuple[list[bytes], dict
             fixes["dropped_lines"] += 1
         else:
             raise UserError(f"{path} line {i + 1} is damaged (not a torn last line): the database is corrupt; "
-                            "restore it from version control or tune into a new --log-dir")
+                            "restore it from version control or tune into a new folder")
     if not ends_nl and not fixes["dropped_lines"]:
         fixes["added_newlines"] += 1
     return keep, fixes
@@ -253,7 +253,7 @@ def summarize(directory: str | os.PathLike) -> dict:
             except (ValueError, TypeError, IndexError):
                 continue
             out["records"] += 1
-            if secs and max(secs) < _FAILED_SECS:
+            if secs and max(secs) < FAILED_SECS:
                 out["valid_records"] += 1
                 mean = sum(secs) / len(secs)
                 best[idx] = min(best.get(idx, mean), mean)
@@ -276,7 +276,7 @@ def open_database(directory, create: bool = False, writer: bool = False):
 
     from tvm.s_tir import meta_schedule as ms
 
-    from targets.build import register_tensor_intrinsics
+    from compiler.tuning.tvm_compat import register_tensor_intrinsics
 
     register_tensor_intrinsics()
     if isinstance(directory, ms.database.Database):
@@ -303,6 +303,19 @@ def open_database(directory, create: bool = False, writer: bool = False):
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def is_log_dir(directory: Path) -> bool:
+    """A tuning-log folder of this project: its meta file, or a MetaSchedule database (checked by check_meta)."""
+    names = (META_FILE, WORKLOAD_FILE, RECORD_FILE, LOCK_FILE)
+    return any((Path(directory) / f).is_file() for f in names)
+
+
+def check_log_dir(directory: str | os.PathLike, *inputs, field: str = "log_dir") -> None:
+    """The log folder is new, empty, or a tuning log of this project; never someone else's folder (a refusal is a
+    SettingError on ``field``)."""
+    fileio.check_output(Path(directory), is_ours=is_log_dir, inputs=inputs, field=field,
+                        what="tuning log of this project")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # meta.json: what a database was tuned for
 
@@ -326,7 +339,7 @@ def new_meta(spec, tuned_target, model_name: str, variant: str, precision: str, 
     return {
         "format": FORMAT,
         "version": 1,
-        "target": {"name": spec.name, "tvm": spec.target_json(), "tuned_as": _target_dict(tuned_target)},
+        "target": {"name": spec.name, "tvm": spec.target_json(), "tuned_as": target_dict(tuned_target)},
         "model": model_name,
         "variant": variant,
         "precision": precision,
@@ -337,7 +350,7 @@ def new_meta(spec, tuned_target, model_name: str, variant: str, precision: str, 
         "seconds": 0.0,
         "sessions": [],
         "tvm_version": tvm.__version__,
-        "created": _now(),
+        "created": utc_now(),
     }
 
 
@@ -360,11 +373,11 @@ def _plain(x):
     return str(x)
 
 
-def _target_dict(target) -> dict:
+def target_dict(target) -> dict:
     return _plain(target)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -460,8 +473,8 @@ def check_meta(meta: dict | None, directory, spec, model_name: str, variant: str
     where = str(directory)
     if meta is None:
         raise UserError(f"{where} has no {META_FILE}: it was not made by `python -m compiler tune`, so it cannot "
-                        "be checked against the target and model; tune into it with the tune command or pass "
-                        "another --tuning-log")
+                        "be checked against the target and model; tune into it with the tune command or choose "
+                        "another tuning log")
     why = target_mismatch(meta, spec)
     if why:
         raise UserError(f"tuning log {where} does not fit: {why}")
