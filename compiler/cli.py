@@ -25,9 +25,9 @@ VERBS = {
     "bench": ("compiler.bench", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
     "zoo": ("compiler.zoo.cli", "list the trained checkpoints shipped with the package, or add one with its card"),
     "tune": ("compiler.tuning.cli", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
-    "compare": ("compiler.compare", "PyTorch eager, ONNX Runtime, TVM (and TensorRT where present) side by side"),
+    "compare": ("compiler.compare_cli", "PyTorch eager, ONNX Runtime, TVM (and TensorRT where present) side by side"),
     "board": ("targets.board_cli", "the emulated aarch64 board (qemu-user): set it up, run TVM's RPC server in it"),
-    "report": ("compiler.report", "the paper's table per model: baseline, pruned, pruned + int8, with plots"),
+    "report": ("compiler.report_cli", "the paper's table per model: baseline, pruned, pruned + int8, with plots"),
 }
 
 
@@ -58,6 +58,13 @@ def add_training_args(p: argparse.ArgumentParser, lr: float, lr_help: str) -> No
     g.add_argument("--limit-train", type=int, default=None, metavar="K", help="only the first K training images")
     g.add_argument("--limit-test", type=int, default=None, metavar="K", help="only the first K test images")
     g.add_argument("--seed", type=int, default=0)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """compare's and report's thread count."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for PyTorch, ONNX Runtime, OpenVINO and TVM alike (default: each engine is timed "
+                        "at 1, 2, 4, ... up to this machine's cores and shown at its fastest count)")
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler import cli, console, data, pair, precision, render
+from compiler import console, data, pair, precision
 from compiler.build import BuildSettings, QuantSettings
 from compiler.engines import Timing, Unavailable, measure
 from compiler.errors import SettingError, UserError
@@ -63,34 +63,6 @@ class CompareSettings:
         if self.threads is not None and self.threads <= 0:
             raise SettingError("threads", "must be positive")
         object.__setattr__(self, "artifacts", tuple(self.artifacts or ()))
-
-
-def configure(p) -> None:
-    cli.add_model_args(p)
-    p.add_argument("--pruned", metavar="PRUNED",
-                   help="pruned checkpoint of the same model (the output of `prune`); its int8 rows replace the "
-                        "dense model's")
-    cli.add_data_args(p)
-    p.add_argument("--batch", type=int, default=None,
-                   help=f"input batch for every engine (default: the --artifact folders' batch, else {DEFAULT_BATCH})")
-    p.add_argument("--artifact", metavar="DIR", action="append", default=None,
-                   help="time this TVM artifact (built for this machine) instead of building them here; repeatable")
-    p.add_argument("--repeat", type=int, default=30, help="timed runs (each the mean of --number calls)")
-    p.add_argument("--number", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
-    add_threads_arg(p)
-    from compiler.build import add_quantization_args
-
-    add_quantization_args(p)
-    p.add_argument("--keep", metavar="DIR", default=None,
-                   help="keep the ONNX files and the TVM artifacts built here in DIR (default: a temporary folder)")
-    cli.add_json_arg(p)
-
-
-def add_threads_arg(p) -> None:
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="threads for PyTorch, ONNX Runtime, OpenVINO and TVM alike (default: each engine is timed "
-                        "at 1, 2, 4, ... up to this machine's cores and shown at its fastest count)")
 
 
 def thread_counts(n: int | None) -> list[int]:
@@ -444,19 +416,3 @@ def compare(dense, pruned, s: CompareSettings, *, progress: bool = True) -> dict
         "best": best_rows(rows, b.int8_of),
         "machine_at_end": machine(),
     }
-
-
-def run(args) -> dict:
-    from compiler.build import quant_from
-
-    s = CompareSettings(data=args.data, batch=args.batch, artifacts=tuple(args.artifact or ()),
-                        timing=Timing(args.repeat, args.number, args.warmup), threads=args.threads,
-                        quant=quant_from(args), keep=args.keep)
-    dense, pruned = pair.load(args.model, args.checkpoint, args.pruned, args.normalize)
-    result = compare(dense, pruned, s)
-    rows = result["rows"]
-    base = next(r for r in rows if (r["engine"], r["model"], r["precision"]) == BASELINE)
-    print(render.compare_table(rows, result["model"], result["batch"], base["median_ms"], CHECK_IMAGES))
-    if result["best"].get("tvm_vs_best_peer"):
-        print(render.best_line(result["best"], "pruned" if result["pruned"] else "dense"))
-    return result

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler import cli, console, data, fileio, precision, render
+from compiler import console, data, fileio, precision, render
 from compiler.build import BuildSettings, QuantSettings
 from compiler.engines import Timing
 from compiler.errors import SettingError, UserError
@@ -83,39 +83,6 @@ class ReportSettings:
         if spec.kind != "cpu" or spec.cross_compiled:
             raise SettingError("target", f"{self.target} does not run here, and report measures on this machine "
                                          "(use host)")
-
-
-def configure(p) -> None:
-    p.add_argument("--models", nargs="+", metavar="M", default=None,
-                   help="models to report (default: those shipped in compiler/zoo, else resnet56)")
-    p.add_argument("--checkpoint", action="append", metavar="CKPT", default=None,
-                   help="baseline checkpoint, one per --models entry in the same order (default: the shipped one)")
-    p.add_argument("--pruned", action="append", metavar="PRUNED", default=None,
-                   help="pruned checkpoint (the output of `prune`), one per --models entry in the same order "
-                        "(default: prune the baseline one-shot here, without fine-tuning)")
-    p.add_argument("--normalize", choices=("cifar", "imagenet"), default=None,
-                   help="input mean/std the checkpoints were trained with (default: what they record, else cifar)")
-    cli.add_data_args(p)
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder for report.md, report.json, the plots and the artifacts")
-    p.add_argument("--target", default="host", help="a target this machine runs (default host)")
-    p.add_argument("--limit-test", type=int, default=None, metavar="K",
-                   help="top-1 on the first K test images only (default: all 10,000)")
-    p.add_argument("--flops-reduction", type=float, default=0.5, metavar="R",
-                   help="one-shot pruning when a model has no --pruned (default %(default)s)")
-    g = p.add_argument_group("timing")
-    g.add_argument("--repeat", type=int, default=30, help="batch-1 latency: timed runs (default %(default)s)")
-    g.add_argument("--number", type=int, default=3, help="batch-1 latency: calls per timed run")
-    g.add_argument("--warmup", type=int, default=3)
-    g.add_argument("--throughput-batch", type=int, default=64, metavar="N", help="batch for throughput (64)")
-    g.add_argument("--throughput-repeat", type=int, default=3, help="throughput: timed runs (default %(default)s)")
-    g.add_argument("--throughput-number", type=int, default=1, help="throughput: calls per timed run")
-    from compiler.build import add_quantization_args
-    from compiler.compare import add_threads_arg
-
-    add_threads_arg(p)
-    add_quantization_args(p)
-    cli.add_json_arg(p)
 
 
 def is_report_dir(folder: Path) -> bool:
@@ -387,30 +354,3 @@ def write_files(result: dict, out: Path, t_start: float) -> None:
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     fileio.write_text(out / "report.md", render.report_markdown(result, render.report_rows(rows)))
     fileio.write_json(out / "report.json", result)
-
-
-def throughput_timing(args) -> Timing:
-    try:
-        return Timing(args.throughput_repeat, args.throughput_number, min(args.warmup, 1))
-    except SettingError as e:  # its flags are --throughput-repeat and --throughput-number
-        raise SettingError(f"throughput_{e.field}", e.problem) from None
-
-
-def run(args) -> dict:
-    from compiler.build import quant_from
-
-    s = ReportSettings(
-        out=args.out, models=tuple(args.models or ()), checkpoints=tuple(args.checkpoint or ()),
-        pruned=tuple(args.pruned or ()), normalize=args.normalize, data=args.data, download=args.download,
-        target=args.target, limit_test=args.limit_test, flops_reduction=args.flops_reduction,
-        timing=Timing(args.repeat, args.number, args.warmup),
-        throughput=throughput_timing(args),
-        throughput_batch=args.throughput_batch, threads=args.threads, quant=quant_from(args),
-        command=getattr(args, "_command", None))
-    result = report(s)
-    print(console.table(render.report_rows(result["rows"]), title="report: top-1 on the compiled artifacts; "
-                        "MACs/params counted on the compiled IR; TVM on this machine"))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(f"wrote {', '.join(result['files'])}")
-    return result
