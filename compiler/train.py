@@ -74,76 +74,117 @@ def fit(
     if teacher is not None:
         teacher.eval().to(device=device, memory_format=memory_format)
     forward = torch.compile(model) if cfg.compile else model  # parameters and state stay on ``model``
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-    )
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    loop = _Loop(model, forward, _optimizer(model, cfg), cfg, device, memory_format, teacher, after_step,
+                 torch.Generator().manual_seed(cfg.seed))
     start_epoch = 0
     if state:
-        opt.load_state_dict(state["optimizer"])  # moves its momentum buffers to the parameters' device
+        loop.opt.load_state_dict(state["optimizer"])  # moves its momentum buffers to the parameters' device
         start_epoch = int(state["epoch"])
     record: dict = {"epoch": start_epoch}
-    gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start_epoch, cfg.epochs):
-        gen.manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(train), generator=gen)
-        bar = console.progress(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="step")
-        loss_sum, seen = 0.0, 0
-        for i in bar:
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            step = epoch * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = one_cycle_lr(step, total, cfg.lr, cfg.warmup_fraction)
-            crops = data.random_crop_flip(train.images[idx], generator=gen).to(device, non_blocking=True)
-            x = data.normalize(crops, cfg.normalize).contiguous(memory_format=memory_format)
-            y = train.labels[idx].to(device, non_blocking=True)
-            autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16
-                        else contextlib.nullcontext())
-            with autocast:
-                logits = forward(x)
-                loss = F.cross_entropy(logits.float(), y)
-                if teacher is not None:
-                    with torch.no_grad():
-                        soft = teacher(x).float()
-                    t = cfg.distill_temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.softmax(soft / t, 1),
-                                  reduction="batchmean") * t * t
-                    loss = cfg.distill_alpha * kd + (1 - cfg.distill_alpha) * loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                after_step()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        seconds = time.perf_counter() - t0
-        model.eval()
-        acc = top1(model, test, cfg.normalize) if test is not None else None
-        record = {
-            "epoch": epoch + 1,
-            "loss": round(loss_sum / max(seen, 1), 4),
-            "top1": None if acc is None else round(acc, 2),
-            "seconds": round(seconds, 1),
-            "train_state": {"epoch": epoch + 1, "epochs": cfg.epochs, "optimizer": opt.state_dict()},
-        }
-        console.progress().write(
-            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}"
-            + (f", top-1 {acc:.2f}%" if acc is not None else "") + f", {seconds:.0f} s"
-        )
+        loss = loop.run_epoch(train, epoch, desc)
+        record = loop.end_epoch(test, epoch, loss, time.perf_counter() - t0, desc)
         if on_epoch is not None:
             on_epoch(record)
     model.to(device="cpu", memory_format=torch.contiguous_format)
     if teacher is not None:
         teacher.to(device="cpu")
     return record
+
+
+def _optimizer(model: torch.nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    """Nesterov SGD; weight decay on the weights (ndim > 1), none on biases and BN parameters."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+    )
+
+
+@dataclass
+class _Loop:
+    """What every step of one :func:`fit` uses: the model, its optimizer, the settings, the seeded generator."""
+
+    model: torch.nn.Module
+    forward: Callable  # the model, or its torch.compile'd version
+    opt: torch.optim.Optimizer
+    cfg: FitConfig
+    device: torch.device
+    memory_format: torch.memory_format
+    teacher: torch.nn.Module | None
+    after_step: Callable[[], None] | None
+    gen: torch.Generator
+
+    def run_epoch(self, train: data.Split, epoch: int, desc: str) -> float:
+        """One epoch over ``train`` in an order seeded by the epoch (a resumed run repeats it); the mean loss."""
+        cfg = self.cfg
+        self.gen.manual_seed(cfg.seed * 1000 + epoch)
+        self.model.train()
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        order = torch.randperm(len(train), generator=self.gen)
+        bar = console.progress(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="step")
+        loss_sum, seen = 0.0, 0
+        for i in bar:
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            for group in self.opt.param_groups:
+                group["lr"] = one_cycle_lr(epoch * steps_per_epoch + i, total, cfg.lr, cfg.warmup_fraction)
+            loss_sum += self.step(train, idx) * len(idx)
+            seen += len(idx)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        return loss_sum / max(seen, 1)
+
+    def step(self, train: data.Split, idx: torch.Tensor) -> float:
+        """One optimizer step on the images ``idx`` (random crop + flip); the batch's loss."""
+        crops = data.random_crop_flip(train.images[idx], generator=self.gen).to(self.device, non_blocking=True)
+        x = data.normalize(crops, self.cfg.normalize).contiguous(memory_format=self.memory_format)
+        y = train.labels[idx].to(self.device, non_blocking=True)
+        loss = self.loss(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.after_step is not None:
+            self.after_step()
+        return loss.item()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, mixed with the teacher's softened logits (distillation) when there is a teacher."""
+        cfg = self.cfg
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    soft = self.teacher(x).float()
+                t = cfg.distill_temperature
+                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.softmax(soft / t, 1),
+                              reduction="batchmean") * t * t
+                loss = cfg.distill_alpha * kd + (1 - cfg.distill_alpha) * loss
+        return loss
+
+    def end_epoch(self, test: data.Split | None, epoch: int, loss: float, seconds: float, desc: str) -> dict:
+        """Top-1 on ``test`` (when given), a line on the console, and the epoch's record (with the state to
+        resume from)."""
+        cfg = self.cfg
+        self.model.eval()
+        acc = top1(self.model, test, cfg.normalize) if test is not None else None
+        record = {
+            "epoch": epoch + 1,
+            "loss": round(loss, 4),
+            "top1": None if acc is None else round(acc, 2),
+            "seconds": round(seconds, 1),
+            "train_state": {"epoch": epoch + 1, "epochs": cfg.epochs, "optimizer": self.opt.state_dict()},
+        }
+        console.progress().write(
+            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}"
+            + (f", top-1 {acc:.2f}%" if acc is not None else "") + f", {seconds:.0f} s"
+        )
+        return record
 
 
 def bf16_default(requested: bool | None, device: str = "cpu") -> bool:

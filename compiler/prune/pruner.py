@@ -107,16 +107,36 @@ def allocate(graph: Graph, scores: dict[str, torch.Tensor], units: dict[str, int
     for name in units:
         if name not in outk:  # linear: constant outputs, unit already holds out_features
             outk[name] = 1
-
-    def in_k(consumer: str) -> int:
-        return sum(n if src is None else outk[src] for src, n in graph.inputs[consumer])
-
-    ink = {c: in_k(c) for c in graph.inputs}
+    ink = {c: _in_channels(graph, outk, c) for c in graph.inputs}
     total = sum(units[c] * ink[c] * outk[c] for c in graph.inputs)
     dense = total
     target = dense * (1.0 - flops_reduction)
+    segs = _segments(graph, scores, round_to, floor)
 
-    # candidate segments with their channels in ascending importance
+    while total > target:
+        best = _cheapest_chunk(segs, units, ink, outk, consumers, round_to, cost_aware)
+        if best is None:
+            reached = 1.0 - total / dense
+            raise UserError(f"cannot remove {flops_reduction:.0%} of the FLOPs: the floor ({floor}) and "
+                            f"the rounding to multiples of {round_to} allow at most {reached:.1%}")
+        _, si, nxt, chans, saved = best
+        seg = segs[si]
+        seg["k"] = nxt
+        kept[seg["group"].name][chans] = False
+        for c in _drop(seg["group"], chans, outk, consumers):
+            ink[c] = _in_channels(graph, outk, c)
+        total -= saved
+    return {name: k.nonzero().flatten().tolist() for name, k in kept.items()}
+
+
+def _in_channels(graph: Graph, outk: dict[str, int], consumer: str) -> int:
+    """Input channels ``consumer`` has now: the kept outputs of its sources (fixed counts for the image)."""
+    return sum(n if src is None else outk[src] for src, n in graph.inputs[consumer])
+
+
+def _segments(graph: Graph, scores: dict[str, torch.Tensor], round_to: int, floor: float) -> list[dict]:
+    """The rounding segments of the prunable groups that can lose channels, each with its channels in ascending
+    importance (``order``), its size ``n``, kept count ``k`` and least count ``lo``."""
     segs = []
     for g in graph.groups:
         if not g.prunable:
@@ -132,46 +152,49 @@ def allocate(graph: Graph, scores: dict[str, torch.Tensor], units: dict[str, int
     if not segs:
         raise UserError(f"nothing prunable: every prunable layer is already at its floor "
                         f"(--round-to {round_to}, --floor {floor}); lower them")
+    return segs
 
-    while total > target:
-        best = None
-        for si, seg in enumerate(segs):
-            nxt = _next_kept(seg["k"], seg["n"], round_to)
-            if nxt < seg["lo"]:
+
+def _hit(member, chans: list[int]) -> int:
+    """How many of the group channels ``chans`` fall in ``member``'s slice of the group."""
+    return sum(1 for c in chans if member.offset <= c < member.offset + member.channels)
+
+
+def _cheapest_chunk(segs: list[dict], units: dict[str, int], ink: dict[str, int], outk: dict[str, int],
+                    consumers: dict, round_to: int, cost_aware: bool):
+    """``(key, segment index, next kept count, channels, MACs saved)`` of the chunk to remove next: the least
+    importance (per MAC saved with ``cost_aware``); None when every segment is at its floor."""
+    best = None
+    for si, seg in enumerate(segs):
+        nxt = _next_kept(seg["k"], seg["n"], round_to)
+        if nxt < seg["lo"]:
+            continue
+        start = seg["n"] - seg["k"]
+        chans = seg["order"][start:start + seg["k"] - nxt]
+        imp = float(sum(float(seg["score"][c]) for c in chans))
+        saved = 0
+        for m in seg["group"].members:
+            d = _hit(m, chans)
+            if not d:
                 continue
-            start = seg["n"] - seg["k"]
-            chans = seg["order"][start:start + seg["k"] - nxt]
-            imp = float(sum(float(seg["score"][c]) for c in chans))
-            saved = 0
-            for m in seg["group"].members:
-                d = sum(1 for c in chans if m.offset <= c < m.offset + m.channels)
-                if not d:
-                    continue
-                saved += units[m.conv] * ink[m.conv] * d
-                for c in consumers.get(m.conv, ()):
-                    saved += units[c] * d * outk[c]
-            key = imp / max(saved, 1e-9) if cost_aware else imp
-            if best is None or key < best[0]:
-                best = (key, si, nxt, chans, saved)
-        if best is None:
-            reached = 1.0 - total / dense
-            raise UserError(f"cannot remove {flops_reduction:.0%} of the FLOPs: the floor ({floor}) and "
-                            f"the rounding to multiples of {round_to} allow at most {reached:.1%}")
-        _, si, nxt, chans, saved = best
-        seg = segs[si]
-        seg["k"] = nxt
-        g = seg["group"]
-        kept[g.name][chans] = False
-        touched = set()
-        for m in g.members:
-            d = sum(1 for c in chans if m.offset <= c < m.offset + m.channels)
-            if d:
-                outk[m.conv] -= d
-                touched.update(consumers.get(m.conv, ()))
-        for c in touched:
-            ink[c] = in_k(c)
-        total -= saved
-    return {name: k.nonzero().flatten().tolist() for name, k in kept.items()}
+            saved += units[m.conv] * ink[m.conv] * d
+            for c in consumers.get(m.conv, ()):
+                saved += units[c] * d * outk[c]
+        key = imp / max(saved, 1e-9) if cost_aware else imp
+        if best is None or key < best[0]:
+            best = (key, si, nxt, chans, saved)
+    return best
+
+
+def _drop(group, chans: list[int], outk: dict[str, int], consumers: dict) -> set[str]:
+    """Remove ``chans`` from ``group``'s convs' output counts; the consumers whose input counts changed."""
+    touched = set()
+    for m in group.members:
+        d = _hit(m, chans)
+        if d:
+            outk[m.conv] -= d
+            touched.update(consumers.get(m.conv, ()))
+    return touched
 
 
 def masks_from_kept(graph: Graph, kept: dict[str, list[int]]) -> Masks:
