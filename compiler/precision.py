@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 
 CHOICES = ("auto", "fp32", "fp16", "int8", "int8-weights")
 AVAILABLE = ("fp32", "fp16", "int8", "int8-weights")
@@ -61,13 +61,14 @@ def calibration_images(data_dir, normalize: str, n: int = DEFAULT_CALIB_IMAGES, 
     from compiler import data
 
     if n <= 0:
-        raise UserError("--calib-images must be positive")
+        raise SettingError("calib_images", "must be positive")
     try:
         split = data.load_split(data_dir, "train")
     except UserError as e:
         if not allow_random:
-            raise UserError(f"int8 calibration needs CIFAR-10 training images ({e}); pass --data DIR, or choose "
-                            "--precision fp32/fp16/int8-weights") from None
+            raise SettingError("data", f"must name a CIFAR-10 folder: int8 calibration needs its training images "
+                                       f"({e}); or choose a precision without calibration (fp32, fp16, "
+                                       "int8-weights)") from None
         rng = np.random.default_rng(seed)
         return (rng.standard_normal((n, 3, 32, 32)).astype(np.float32),
                 f"{n} random normal inputs (no CIFAR-10 found): ranges not representative")

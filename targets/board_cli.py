@@ -57,6 +57,9 @@ def run(args) -> dict:
         if proc.returncode:
             raise UserError(f"the board's Python exited with {proc.returncode}")
         return {"returncode": 0}
+    if not args.tracker or not args.key:
+        raise UserError("rpc-server needs --tracker HOST:PORT and --key KEY (start a tracker with "
+                        "`python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190`)")
     from targets import board_rpc
 
     return board_rpc.serve_foreground(args.tracker, args.key, args.port)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from compiler.errors import UserError
+from compiler.errors import SettingError, UserError
 from targets import emulate
 
 REGISTER_TIMEOUT_S = 180.0  # the guest Python imports TVM under qemu: ~30 s here, more on a busy machine
@@ -150,9 +150,11 @@ class EmulatedServer:
 
 def serve_foreground(tracker: str | None, key: str | None, port: int) -> dict:
     """``board --emulate rpc-server``: run until Ctrl-C; restart the server when it dies or leaves the tracker."""
-    if not tracker or not key:
-        raise UserError("rpc-server needs --tracker HOST:PORT and --key KEY (start a tracker with "
-                        "`python -m tvm.exec.rpc_tracker --host 127.0.0.1 --port 9190`)")
+    for field, value in (("tracker", tracker), ("key", key)):
+        if not value:
+            raise SettingError(field, "is needed: the RPC server registers with a tracker (HOST:PORT) under a key "
+                                      "(start a tracker with `python -m tvm.exec.rpc_tracker --host 127.0.0.1 "
+                                      "--port 9190`)")
     from compiler.tuning.tracker import parse_tracker, tracker_summary
 
     tracker_summary(*parse_tracker(tracker))  # a clear error now when no tracker answers there
