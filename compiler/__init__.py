@@ -4,9 +4,10 @@ The Python API (see README, "Python"): ``compiler.load``, ``compiler.prune``, ``
 ``compiler.Artifact.load``, ``compiler.tune``, ``compiler.evaluate``, ``compiler.compare``; they live in
 :mod:`compiler.api` and are imported on first use, so ``import compiler`` stays light (no torch, no TVM).
 
-Three of the verbs share their names with the modules that implement them (``compiler/build.py``, ``compare.py``,
-``prune/``): on the package the verb wins (``compiler.build(...)``), and the modules are imported by their full
-names (``from compiler.build import lower``). ``tune`` lives in ``compiler/tuning/``.
+Four of the API functions share their names with the modules that implement them (``compiler/build.py``,
+``compare.py``, ``evaluate.py``, ``prune/``): on the package the function wins (``compiler.build(...)``), and the
+modules are imported by their full names (``from compiler.build import lower``). ``tune`` lives in
+``compiler/tuning/``.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def _quant(calib_images, calibration, keep_fp32):
 def tune(model: Checkpoint | str | Path, *, target: str, trials: int, precision: str = "auto", batch: int = 1,
          data: str | Path | None = None, progress: bool = False, **settings) -> dict:
     """MetaSchedule on exactly the module :func:`build` compiles for ``target``; the database folder and per-task
-    results. Further keywords: the fields of :class:`compiler.tuning.session.TuneSettings` (``tracker``, ``key``, ...)."""
+    results. Further keywords: the fields of :class:`compiler.tuning.session.TuneSettings` (``tracker``, ``key``,
+    ...)."""
     from compiler.tuning.session import TuneSettings, tune as run_tune
 
     quant = _quant(settings.pop("calib_images", None), settings.pop("calibration", None),

@@ -10,18 +10,8 @@ import time
 
 import numpy as np
 
-from compiler import artifact, cli, console
-from compiler.errors import UserError
-
-
-def configure(p) -> None:
-    p.add_argument("--artifact", required=True, metavar="DIR")
-    p.add_argument("--repeat", type=int, default=30, help="timed runs (each the median of --number calls)")
-    p.add_argument("--number", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--pytorch", metavar="CKPT", nargs="?", const="",
-                   help="also time PyTorch eager on this checkpoint, same batch (no CKPT: the shipped model)")
-    cli.add_json_arg(p)
+from compiler import artifact
+from compiler.errors import SettingError
 
 
 def stats(seconds: list[float]) -> dict:
@@ -75,28 +65,31 @@ def time_pytorch(model, batch: int, repeat: int, number: int, warmup: int, x=Non
         return time_calls(lambda: model(x), repeat, number, warmup)
 
 
-def run(args) -> dict:
-    if args.repeat <= 0 or args.number <= 0:
-        raise UserError("--repeat and --number must be positive")
-    executable, manifest = artifact.load_local(args.artifact)
+def bench(folder, *, repeat: int = 30, number: int = 3, warmup: int = 3, pytorch: str | None = None) -> dict:
+    """Latency of the artifact in ``folder`` (built for this machine) and, with ``pytorch`` (a checkpoint path, or
+    ``""`` for the shipped model), of PyTorch eager on that checkpoint at the same batch: ``{"artifact",
+    "target", "rows"}``, a row per engine with median / p90 ms and images per second."""
+    if repeat <= 0:
+        raise SettingError("repeat", "must be positive")
+    if number <= 0:
+        raise SettingError("number", "must be positive")
+    executable, manifest = artifact.load_local(folder)
     batch = manifest["input"]["shape"][0]
     rows = []
-    if args.pytorch is not None:
+    if pytorch is not None:
         # PyTorch first: TVM's worker threads keep spinning after a run and slow a PyTorch run that follows
         import torch
 
         from compiler import zoo
 
-        ckpt = zoo.load(manifest["model"], args.pytorch or None)
+        ckpt = zoo.load(manifest["model"], pytorch or None)
         rows.append({"engine": "pytorch", "model": manifest["model"], "precision": "fp32", "batch": batch,
                      "threads": torch.get_num_threads(),
-                     **time_pytorch(ckpt.model, batch, args.repeat, args.number, args.warmup)})
+                     **time_pytorch(ckpt.model, batch, repeat, number, warmup)})
     applied = manifest.get("runtime_applied") or {}
     rows.insert(0, {"engine": "tvm", "model": manifest["model"], "precision": manifest["precision"], "batch": batch,
                     "threads": applied.get("threads"), "threads_from": applied.get("source"),
-                    **time_tvm(executable, batch, args.repeat, args.number, args.warmup)})
+                    **time_tvm(executable, batch, repeat, number, warmup)})
     for r in rows:
         r["images_per_s"] = round(1e3 * batch / r["median_ms"], 1)
-    print(console.table(rows, ["engine", "model", "precision", "batch", "threads", "median_ms", "p90_ms",
-                               "images_per_s", "threads_from"]))
-    return {"artifact": str(args.artifact), "target": manifest["target"]["name"], "rows": rows}
+    return {"artifact": str(folder), "target": manifest["target"]["name"], "rows": rows}

@@ -1,7 +1,9 @@
 """Command line: ``python -m compiler VERB ...``.
 
-Each verb lives in its own module with ``configure(parser)`` and ``run(args) -> dict``; this file only parses
-arguments, dispatches, and turns :class:`~compiler.errors.UserError` into ``error: ...`` on stderr with exit 2.
+Each verb has its own CLI module (``build_cli.py``, ``prune/cli.py``, ...) with ``configure(parser)`` and
+``run(args) -> dict``: flags -> settings, one library call, its table; the library modules beside them never see
+the parsed arguments. This file only parses arguments, dispatches, and turns :class:`~compiler.errors.UserError`
+into ``error: ...`` on stderr with exit 2 (a :class:`~compiler.errors.SettingError` names the flag).
 With ``--json`` the last line on stdout is one JSON object with the verb's results.
 """
 
@@ -17,12 +19,13 @@ from compiler.errors import SettingError, UserError
 
 # verb -> (module, one-line help)
 VERBS = {
-    "eval": ("compiler.evaluate", "top-1 of a checkpoint (PyTorch) or a compiled artifact on the CIFAR-10 test set"),
-    "train": ("compiler.train", "train a CIFAR-10 model from scratch (resumable)"),
+    "eval": ("compiler.evaluate_cli",
+             "top-1 of a checkpoint (PyTorch) or a compiled artifact on the CIFAR-10 test set"),
+    "train": ("compiler.train_cli", "train a CIFAR-10 model from scratch (resumable)"),
     "prune": ("compiler.prune.cli", "structured filter pruning with fine-tuning"),
     "targets": ("targets.cli", "list the named build targets"),
-    "build": ("compiler.build", "compile a checkpoint for a target into a verified artifact folder"),
-    "bench": ("compiler.bench", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
+    "build": ("compiler.build_cli", "compile a checkpoint for a target into a verified artifact folder"),
+    "bench": ("compiler.bench_cli", "latency of a compiled artifact (median, p90), optionally beside PyTorch eager"),
     "zoo": ("compiler.zoo.cli", "list the trained checkpoints shipped with the package, or add one with its card"),
     "tune": ("compiler.tuning.cli", "tune kernels with MetaSchedule (XGBoost), locally or over TVM RPC"),
     "compare": ("compiler.compare_cli", "PyTorch eager, ONNX Runtime, TVM (and TensorRT where present) side by side"),
@@ -58,6 +61,16 @@ def add_training_args(p: argparse.ArgumentParser, lr: float, lr_help: str) -> No
     g.add_argument("--limit-train", type=int, default=None, metavar="K", help="only the first K training images")
     g.add_argument("--limit-test", type=int, default=None, metavar="K", help="only the first K test images")
     g.add_argument("--seed", type=int, default=0)
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """How the training steps run (not what they compute): shared by ``train`` and ``prune``'s fine-tuning."""
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on where the CPU has native bf16, e.g. AVX-512 BF16 / AMX)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default: on)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (minutes to compile, then faster steps)")
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ def configure(p) -> None:
     p.add_argument("--number", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     cli.add_threads_arg(p)
-    from compiler.build import add_quantization_args
+    from compiler.build_cli import add_quantization_args
 
     add_quantization_args(p)
     p.add_argument("--keep", metavar="DIR", default=None,
@@ -39,7 +39,7 @@ def run(args) -> dict:
 
 
 def settings_from(args) -> CompareSettings:
-    from compiler.build import quant_from
+    from compiler.build_cli import quant_from
 
     return CompareSettings(data=args.data, batch=args.batch, artifacts=tuple(args.artifact or ()),
                            timing=Timing(args.repeat, args.number, args.warmup), threads=args.threads,

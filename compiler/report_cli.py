@@ -34,7 +34,7 @@ def configure(p) -> None:
     g.add_argument("--throughput-batch", type=int, default=64, metavar="N", help="batch for throughput (64)")
     g.add_argument("--throughput-repeat", type=int, default=3, help="throughput: timed runs (default %(default)s)")
     g.add_argument("--throughput-number", type=int, default=1, help="throughput: calls per timed run")
-    from compiler.build import add_quantization_args
+    from compiler.build_cli import add_quantization_args
 
     cli.add_threads_arg(p)
     add_quantization_args(p)
@@ -55,7 +55,7 @@ def run(args) -> dict:
 
 
 def settings_from(args) -> ReportSettings:
-    from compiler.build import quant_from
+    from compiler.build_cli import quant_from
 
     return ReportSettings(
         out=args.out, models=tuple(args.models or ()), checkpoints=tuple(args.checkpoint or ()),

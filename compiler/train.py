@@ -7,7 +7,6 @@ every epoch with the optimizer and schedule state, so a stopped run resumes wher
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -19,8 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from compiler import checkpoint, cli, console, data, fileio, models
-from compiler.errors import UserError
+from compiler import checkpoint, console, data, fileio, models
+from compiler.errors import SettingError, UserError
 from compiler.evaluate import top1
 
 
@@ -210,82 +209,73 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: this machine has no CUDA GPU that torch can use")
+        raise SettingError("device", f"{requested}: this machine has no CUDA GPU that torch can use")
     return requested
 
 
-def add_speed_args(p) -> None:
-    """How the training steps run (not what they compute): shared by ``train`` and ``prune``'s fine-tuning."""
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on where the CPU has native bf16, e.g. AVX-512 BF16 / AMX)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (default: on)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (minutes to compile, then faster steps)")
+@dataclass(frozen=True)
+class TrainSettings:
+    """What ``train`` trains, where it writes, and how the steps run; validated when made."""
+
+    model: str
+    epochs: int
+    out: str | Path
+    normalize: str = data.DEFAULT_NORMALIZATION  # before the field ``data``, which hides the module below it
+    data: str | Path | None = None
+    download: bool = False
+    lr: float = 0.1
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    limit_train: int | None = None
+    limit_test: int | None = None
+    seed: int = 0
+    bf16: bool | None = None  # default: where the device computes bf16 natively
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"  # auto: a CUDA GPU when torch sees one, else the CPU
+    command: str | None = None  # what the checkpoint's metrics record as the command
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", models.check_name(self.model))
+        if self.epochs <= 0:
+            raise SettingError("epochs", "must be positive")
 
 
-def configure(p) -> None:
-    p.add_argument("--model", required=True, help="resnet20 ... resnet110 (any 6n+2) or googlenet")
-    cli.add_data_args(p)
-    p.add_argument("--normalize", choices=tuple(data.NORMALIZATIONS), default=data.DEFAULT_NORMALIZATION)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--out", required=True, metavar="CKPT", help="checkpoint written after every epoch; "
-                   "if it is this project's unfinished checkpoint of the same model, training resumes from it")
-    add_speed_args(p)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to train (default: a CUDA GPU when torch sees one, else the CPU); "
-                        "checkpoints are written as CPU tensors either way")
-    cli.add_training_args(p, lr=0.1, lr_help="peak learning rate of the one-cycle schedule")
-    cli.add_json_arg(p)
-
-
-def run(args) -> dict:
-    name = models.check_name(args.model)
-    if args.epochs <= 0:
-        raise UserError("--epochs must be positive")
-    out = Path(args.out)
+def train(s: TrainSettings, *, say: Callable[[str], None] = print) -> dict:
+    """Train ``s.model`` from scratch into the checkpoint ``s.out``, written after every epoch; when ``s.out`` is
+    this project's unfinished training checkpoint of the same model, training resumes from it. ``{"model", "out",
+    "epochs", "top1", "seconds", "seconds_per_epoch"}``."""
+    name, out = s.model, Path(s.out)
     # an existing file is judged below (only this project's unfinished training checkpoint is resumed)
-    fileio.check_output(out, kind="file", is_ours=Path.is_file, what="checkpoint", inputs=(args.data,))
-    state, prev = None, None
-    model = models.build_model(name)
-    if out.exists():
-        refuse = (f"{out} exists and is not a resumable training checkpoint of this project; "
-                  "choose another --out (nothing was overwritten)")
-        try:
-            prev = checkpoint.load_checkpoint(out, None)
-        except UserError as e:
-            raise UserError(f"{refuse} ({e})") from None
-        if prev.train_state is None or prev.train_state.get("verb") == "prune":
-            raise UserError(refuse)
-        if prev.model_name != name:
-            raise UserError(f"{out} is a {prev.model_name} training checkpoint, not {name}")
-        state, model = prev.train_state, prev.model
-        print(f"resuming {out} at epoch {state['epoch']}/{args.epochs}")
-    train = data.load_split(args.data, "train", download=args.download).head(args.limit_train)
-    test = data.load_split(args.data, "test").head(args.limit_test)
-    device = pick_device(args.device)
-    cfg = FitConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                    normalize=args.normalize, channels_last=args.channels_last, bf16=bf16_default(args.bf16, device),
-                    compile=args.compile, seed=args.seed, device=device)
+    fileio.check_output(out, kind="file", is_ours=Path.is_file, what="checkpoint", inputs=(s.data,))
+    model, prev = _resumable(out, name)
+    state = prev.train_state if prev else None
+    if prev is not None:
+        say(f"resuming {out} at epoch {state['epoch']}/{s.epochs}")
+    train_split = data.load_split(s.data, "train", download=s.download).head(s.limit_train)
+    test = data.load_split(s.data, "test").head(s.limit_test)
+    device = pick_device(s.device)
+    cfg = FitConfig(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, weight_decay=s.weight_decay,
+                    normalize=s.normalize, channels_last=s.channels_last, bf16=bf16_default(s.bf16, device),
+                    compile=s.compile, seed=s.seed, device=device)
     history: list[dict] = list(prev.metrics.get("history") or []) if prev else []
     t_start = time.perf_counter()
 
-    provenance = {"command": getattr(args, "_command", None), "device": device_name(device),
-                  "torch": str(torch.__version__)}
+    provenance = {"command": s.command, "device": device_name(device), "torch": str(torch.__version__)}
     if prev and prev.metrics.get("command"):
         provenance["command"] = prev.metrics["command"]  # the run's first command; resumes repeat it
 
     def save(record: dict) -> None:
         history.append({k: v for k, v in record.items() if k != "train_state"})
         metrics = {"top1": record["top1"], "epochs": record["epoch"], "history": history, **provenance}
-        checkpoint.save_checkpoint(out, name, model, args.normalize, metrics=metrics,
+        checkpoint.save_checkpoint(out, name, model, s.normalize, metrics=metrics,
                                    train_state=record["train_state"])
 
-    if state and state["epoch"] >= args.epochs:
+    if state and state["epoch"] >= s.epochs:
         record = {"epoch": state["epoch"], "top1": history[-1]["top1"] if history else None}
     else:
-        record = fit(model, train, test, cfg, state=state, on_epoch=save)
-    result = {
+        record = fit(model, train_split, test, cfg, state=state, on_epoch=save)
+    return {
         "model": name,
         "out": str(out),
         "epochs": record["epoch"],
@@ -293,5 +283,21 @@ def run(args) -> dict:
         "seconds": round(time.perf_counter() - t_start, 1),
         "seconds_per_epoch": [h["seconds"] for h in history],
     }
-    print(console.table([result], ["model", "epochs", "top1", "seconds", "out"]))
-    return result
+
+
+def _resumable(out: Path, name: str):
+    """``(model, previous checkpoint or None)``: a new ``name`` model, or the one in ``out`` when ``out`` is this
+    project's unfinished training checkpoint of ``name`` (anything else there is refused)."""
+    if not out.exists():
+        return models.build_model(name), None
+    refuse = (f"{out} exists and is not a resumable training checkpoint of this project; choose another file "
+              "(nothing was overwritten)")
+    try:
+        prev = checkpoint.load_checkpoint(out, None)
+    except UserError as e:
+        raise SettingError("out", f"{refuse} ({e})") from None
+    if prev.train_state is None or prev.train_state.get("verb") == "prune":
+        raise SettingError("out", refuse)
+    if prev.model_name != name:
+        raise UserError(f"{out} is a {prev.model_name} training checkpoint, not {name}")
+    return prev.model, prev

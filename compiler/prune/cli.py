@@ -40,9 +40,7 @@ def configure(p) -> None:
                    help="before fine-tuning, refit every conv2d by least squares to the dense model's output on "
                         "this many training images (channel-pruning / ThiNet style; 0: off); replaces the BN "
                         "re-estimation")
-    from compiler import train
-
-    train.add_speed_args(p)
+    cli.add_speed_args(p)
     cli.add_training_args(p, lr=0.02, lr_help="peak learning rate of the one-cycle fine-tuning")
     cli.add_json_arg(p)
 

@@ -37,14 +37,14 @@ def configure(p) -> None:
                    help="candidates the evolutionary search evolves per round (default 512, MetaSchedule's; "
                         "smaller rounds are faster on a slow or busy machine and find less)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the search")
-    from compiler.build import add_quantization_args
+    from compiler.build_cli import add_quantization_args
 
     add_quantization_args(p)  # int8: the same calibration options as build, so the same module is tuned
     cli.add_json_arg(p)
 
 
 def settings_from(args) -> TuneSettings:
-    from compiler.build import quant_from
+    from compiler.build_cli import quant_from
 
     return TuneSettings(target=args.target, trials=args.trials, precision=args.precision, batch=args.batch,
                         data=args.data, quant=quant_from(args), log_dir=args.log_dir, tracker=args.tracker,
