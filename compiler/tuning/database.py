@@ -129,12 +129,12 @@ def _call_tir_sig(call) -> list | None:
     are packed has no relax.nn.conv2d left to name its shapes."""
     from passes import vnni
 
-    gv, args = call.args[0], call.args[1]
+    gv, operands = call.args[0], call.args[1]
     name = getattr(gv, "name_hint", None)
     kernel = next((k for k in vnni.KERNEL_NAMES if name and name.startswith(k)), None)
     if kernel is None:
         return None
-    fields = list(args.fields) if hasattr(args, "fields") else [args]
+    fields = list(operands.fields) if hasattr(operands, "fields") else [operands]
     return [f"call_tir:{kernel}", [_tensor_sig(a) for a in fields], {"out": _tensor_sig(call)}]
 
 
