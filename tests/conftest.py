@@ -37,3 +37,13 @@ def tiny_cifar(tmp_path) -> Path:
         y = rng.integers(0, 10, size=(n,), dtype=np.int64)
         np.savez(tmp_path / f"cifar10_{split}.npz", x=x, y=y)
     return tmp_path
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4. Most tests are one-threaded (TVM's LLVM
+    code generation, qemu, Python), so the 2-core CI machine does twice the work at once; more than 4 workers
+    would each hold torch + TVM in memory for little gain."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
