@@ -106,10 +106,16 @@ UNTUNED_SLOWDOWN = "ResNet56 fp32 105.9 ms untuned vs 3.34 ms tuned (32x); int8 
 
 def tuning_line(m: dict) -> str:
     t = m["tuning"]
-    if t.get("database"):
+    lib = t.get("library") or {}
+    fixed = f"; {t['fixed_schedules']} layout kernels with a fixed schedule" if t.get("fixed_schedules") else ""
+    if t.get("database") and not lib:
         how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
-        fixed = f"; {t['fixed_schedules']} layout kernels with a fixed schedule" if t.get("fixed_schedules") else ""
         return f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how})"
+    if lib:
+        how = "" if lib.get("match") in (None, "exact") else f"; {lib['match']}"
+        own = f"{t['database']}, then " if t.get("database") else ""
+        return (f"{own}kernel library {lib['database']} for {lib.get('tasks_applied')} kernels "
+                f"({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how})")
     if m["target"]["kind"] != "cpu" or m["target"]["cross_compiled"]:
         return f"{t.get('note')}; tune on the board over RPC: see `python -m compiler tune --help`"
     ck = f" --checkpoint {m['checkpoint']['path']}" if not m["checkpoint"].get("shipped") else ""

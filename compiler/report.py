@@ -157,7 +157,7 @@ def resolve(s: ReportSettings) -> list[dict]:
 
 def _kernels(manifest: dict) -> str:
     t = manifest.get("tuning") or {}
-    return f"tuned {t.get('tasks_applied')}/{t.get('tasks')}" if t.get("database") else "untuned"
+    return f"tuned {t.get('tasks_applied')}/{t.get('tasks')}" if t.get("database") or t.get("library") else "untuned"
 
 
 def build_stage(plan: dict, stage: str, kind: str, prec: str, s: ReportSettings, out: Path) -> dict:

@@ -38,6 +38,7 @@ class TVM(Engine):
 
 def tuning_note(manifest: dict) -> str:
     t = manifest.get("tuning") or {}
-    if t.get("database"):
-        return f"tuned ({t.get('tasks_applied')}/{t.get('tasks')} kernels, {t['database']})"
+    where = [w for w in (t.get("database"), (t.get("library") or {}).get("database")) if w]
+    if where:
+        return f"tuned ({t.get('tasks_applied')}/{t.get('tasks')} kernels, {' + '.join(where)})"
     return "untuned"

@@ -15,6 +15,10 @@ from compiler.tuning.tracker import check_tracker
 def configure(p) -> None:
     p.add_argument("--target", required=True, help="named target (see `python -m compiler targets`)")
     cli.add_model_args(p)
+    p.add_argument("--library", action="store_true",
+                   help="tune the kernel library instead of one model: every conv2d a CIFAR ResNet pruned by "
+                        "`prune` can contain (tuning_logs/<target>/kernels-<precision>-b<batch>/); build applies "
+                        "it to any model, under the model's own database")
     p.add_argument("--precision", default="auto", choices=precision.CHOICES,
                    help="as for build: the tuned module must be the one build compiles")
     p.add_argument("--batch", type=int, default=1, help="static batch size (as for build)")
@@ -49,7 +53,8 @@ def settings_from(args) -> TuneSettings:
     return TuneSettings(target=args.target, trials=args.trials, precision=args.precision, batch=args.batch,
                         data=args.data, quant=quant_from(args), log_dir=args.log_dir, tracker=args.tracker,
                         key=args.key, timeout=args.timeout, trials_per_iter=args.trials_per_iter,
-                        num_cores=args.num_cores, population=args.population, seed=args.seed)
+                        num_cores=args.num_cores, population=args.population, seed=args.seed,
+                        library=args.library)
 
 
 def run(args) -> dict:
@@ -58,8 +63,14 @@ def run(args) -> dict:
         database.check_log_dir(args.log_dir, args.checkpoint, args.data)  # before the model is loaded and lowered
     if args.tracker is not None:
         check_tracker(args.tracker, args.key)  # fail fast, before the model is loaded
-    ckpt, note = load_model(args.model, args.checkpoint, args.normalize)
-    result = tune(ckpt, settings, untrained_note=note)
+    if args.library:
+        if args.model is not None or args.checkpoint is not None:
+            raise UserError("--library tunes the kernels of every pruned CIFAR ResNet; it takes no --model or "
+                            "--checkpoint")
+        result, note = tune(None, settings), None
+    else:
+        ckpt, note = load_model(args.model, args.checkpoint, args.normalize)
+        result = tune(ckpt, settings, untrained_note=note)
     render(result)
     out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
                                   "trials_total", "tasks_in_db")}

@@ -581,14 +581,71 @@ def shown(path: str | os.PathLike) -> str:
         return str(path)
 
 
-def manifest_entry(info: dict, applied: dict | None) -> dict:
-    """What build's manifest ``tuning`` should say, from :func:`find_database`'s info and :func:`tasks_applied`."""
+def manifest_entry(info: dict, applied: dict | None, library: dict | None = None, own: dict | None = None) -> dict:
+    """What build's manifest ``tuning`` should say, from :func:`find_database`'s info, :func:`find_library`'s
+    (``library``), and :func:`tasks_applied` of what the build applied (``applied``: the model's database and the
+    library together; ``own``: the model's database alone, when both were there)."""
+    lib = None
+    if library is not None and library.get("path") is not None:
+        from_library = (applied["applied"] - (own["applied"] if own else 0)) if applied else None
+        lib = {"database": shown(library["path"]), "sha256": library["sha256"], "match": library.get("match"),
+               "tasks_applied": from_library}
     if info.get("path") is None:
-        return {"database": None, "sha256": None, "tasks_applied": 0, "tasks": applied["tasks"] if applied else None,
-                "trials": 0, "note": info.get("note")}
-    return {"database": shown(info["path"]), "sha256": info["sha256"], "match": info.get("match"),
+        return {"database": None, "sha256": None, "library": lib,
+                "tasks_applied": applied["applied"] if applied and lib else 0,
+                "tasks": applied["tasks"] if applied else None,
+                "fixed_schedules": applied.get("fixed", 0) if applied and lib else None,
+                "trials": 0, "note": info.get("note") if lib is None else library.get("note")}
+    return {"database": shown(info["path"]), "sha256": info["sha256"], "match": info.get("match"), "library": lib,
             "tasks_applied": applied["applied"] if applied else None,
             "tasks": applied["tasks"] if applied else None,
             "fixed_schedules": applied.get("fixed", 0) if applied else None,
             "trials": info.get("trials"), "tuning_seconds": info.get("seconds"),
             "note": info.get("note")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the kernel library (compiler.tuning.library): records for every kernel a pruned CIFAR ResNet can contain
+
+
+def library_dir(target_name: str, precision: str, batch: int, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<target>/kernels-<precision>-b<batch>``: where ``tune --library`` writes and ``build`` looks."""
+    from compiler.tuning.library import LIBRARY_MODEL
+
+    return log_dir(target_name, LIBRARY_MODEL, f"{_safe(precision, 'precision')}-b{int(batch)}", root)
+
+
+def find_library(spec, precision: str, batch: int, root: str | os.PathLike | None = None):
+    """The kernel library ``build`` adds under a model's own database: ``(database or None, info)``, from
+    ``tuning_logs/<target>/kernels-<precision>-b<batch>`` or the folder of the same x86 class under the other
+    name (``host`` / ``x86-64-v*``), when its meta says it was tuned for this target (exactly or by ISA class),
+    precision and batch. ``info``: ``path``, ``sha256``, ``match``, ``note``."""
+    from compiler.tuning.library import LIBRARY_MODEL
+
+    info = {"path": None, "sha256": None, "match": None, "note": None}
+    variant = f"{_safe(precision, 'precision')}-b{int(batch)}"
+    why = None
+    for directory in [library_dir(spec.name, precision, batch, root), *class_dirs(spec, LIBRARY_MODEL, variant, root)]:
+        if not (directory / META_FILE).is_file() or not (directory / RECORD_FILE).is_file():
+            continue
+        meta = read_meta(directory)
+        how, why = target_match(meta, spec)
+        if why is None and (meta.get("model"), meta.get("precision"), meta.get("batch")) != (
+                LIBRARY_MODEL, precision, int(batch)):
+            why = f"{shown(directory)} is not a {precision} batch-{batch} kernel library"
+        if why is None:
+            info.update(path=str(directory), sha256=fileio.sha256_file(directory / RECORD_FILE), match=how,
+                        note=f"kernel library {shown(directory)} ({how})")
+            return open_database(directory), info
+    info["note"] = (f"no kernel library for {spec.name} {precision} batch {batch}" + (f" ({why})" if why else "")
+                    + f": `python -m compiler tune --library --target {spec.name} --precision {precision}` makes one")
+    return None, info
+
+
+def combine(database, library):
+    """``database`` first, ``library`` for the kernels it lacks (either may be None): what build applies."""
+    if database is None or library is None:
+        return database if library is None else library
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.OrderedUnionDatabase(open_database(database), open_database(library))

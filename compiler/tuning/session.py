@@ -50,6 +50,7 @@ class TuneSettings:
     num_cores: int | None = None
     population: int | None = None
     seed: int | None = None
+    library: bool = False  # tune the kernel library (compiler.tuning.library) instead of a model
 
     def __post_init__(self):
         BuildSettings(target=self.target, precision=self.precision, batch=self.batch)  # the same checks
@@ -60,8 +61,14 @@ class TuneSettings:
 
 
 def tune(ckpt, settings: TuneSettings, *, untrained_note: str | None = None, progress: bool = True) -> dict:
-    """Lower ``ckpt`` exactly as build does and tune its kernels (see :func:`tune_module` for the result)."""
+    """Lower ``ckpt`` exactly as build does and tune its kernels (see :func:`tune_module` for the result); with
+    ``settings.library`` the kernel library's instead (``ckpt`` is not used)."""
     import targets
+
+    if settings.library:
+        from compiler.tuning.library import tune_library
+
+        return tune_library(settings, progress=progress)
 
     from compiler.build import lower
 
@@ -240,8 +247,9 @@ def _lock(directory: Path):
 def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, *, directory=None, root=None,
                 tracker: str | None = None, key: str | None = None, timeout: float = 30.0,
                 trials_per_iter: int | None = None, num_cores: int | None = None, seed: int | None = None,
-                population: int | None = None, show_progress: bool = True) -> dict:
-    """Tune ``mod`` (the module build compiles: ``compiler.build.lower(...).module``) for ``spec``.
+                population: int | None = None, show_progress: bool = True, shapes=None) -> dict:
+    """Tune ``mod`` (the module build compiles: ``compiler.build.lower(...).module``) for ``spec``. ``shapes``:
+    what meta.json records as the module's shapes (default: every conv2d / matmul signature).
 
     Returns ``log_dir``, ``variant``, ``tasks`` (per-task rows: name, weight, trials and errors of this session,
     best_ms over the whole database), ``trials`` (this session), ``trials_total`` (records in the database),
@@ -263,7 +271,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     with _lock(directory), tvm_compat.quiet_metaschedule():
         contexts, weights = _tune_contexts(extracted, directory, passes.space(target), seed, population)
         if meta is None:
-            meta = database.new_meta(spec, target, model_name, variant, prec, batch, database.shape_signature(mod),
+            meta = database.new_meta(spec, target, model_name, variant, prec, batch,
+                                     database.shape_signature(mod) if shapes is None else shapes,
                                      [{"name": t.task_name, "weight": int(t.weight)} for t in extracted])
         journal = _Journal(directory, meta, measure.session_record(target), t0)
         db = database.open_database(directory, create=True, writer=True)
