@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +44,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="int8")
     p.add_argument("--target", default="host")
-    p.add_argument("--trials", type=int, default=800, help="trials of the dedicated tuning run")
+    p.add_argument("--trials", type=int, default=800, help="trials of the dedicated tuning run (0: --dedicated "
+                                                            "holds it already)")
+    p.add_argument("--dedicated", default=None, metavar="DIR",
+                   help="where the dedicated database goes (default: a temporary folder); rerun with --trials 0 "
+                        "to time again without tuning again")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -72,11 +75,12 @@ def main(argv=None) -> int:
           f"(missing: {covered['missing']})", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="dedicated-") as tmp:
-        t0 = time.perf_counter()
-        tuned = tune_module(low.module, spec, f"resnet{args.depth}", args.precision, 1, args.trials,
-                            directory=Path(tmp) / "db", show_progress=True)
-        tune_s = time.perf_counter() - t0
-        dedicated = tuning_db.open_database(Path(tmp) / "db")
+        folder = Path(args.dedicated) if args.dedicated else Path(tmp) / "db"
+        if args.trials > 0:
+            tune_module(low.module, spec, f"resnet{args.depth}", args.precision, 1, args.trials, directory=folder,
+                        show_progress=True)
+        meta = tuning_db.read_meta(folder)
+        dedicated = tuning_db.open_database(folder)
         builds = {"untuned": targets.compile_module(low.module, spec, database=None),
                   "kernel library": targets.compile_module(low.module, spec, database=library),
                   "dedicated tuning": targets.compile_module(low.module, spec, database=dedicated)}
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
               "precision": args.precision, "target": spec.name, "cpu": console.cpu_name(),
               "library": {"path": lib_info["path"], "applied": covered["applied"], "tasks": covered["tasks"],
                           "missing": covered["missing"]},
-              "dedicated": {"trials": tuned["trials"], "seconds": round(tune_s, 1), "applied": ded_cov["applied"],
+              "dedicated": {"trials": meta["trials"], "seconds": meta["seconds"], "applied": ded_cov["applied"],
                             "tasks": ded_cov["tasks"]},
               "rows": rows, "rounds": args.rounds}
     if args.json:

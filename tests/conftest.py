@@ -47,3 +47,15 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores))
+
+
+def pytest_configure(config) -> None:
+    """In a worker of a parallel run (pytest-xdist), PyTorch computes on one thread: the workers already fill
+    the cores, and a second spinning OpenMP thread per worker only takes time from the other worker. TVM's
+    threads are left alone (tests time thread counts and check the ones applied)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
