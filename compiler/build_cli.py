@@ -111,6 +111,10 @@ def tuning_line(m: dict) -> str:
     if t.get("database") and not lib:
         how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
         return f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how})"
+    if lib and t.get("database") and not lib.get("tasks_applied"):
+        how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
+        return (f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how}; "
+                f"the kernel library {lib['database']} had nothing to add)")
     if lib:
         how = "" if lib.get("match") in (None, "exact") else f"; {lib['match']}"
         own = f"{t['database']}, then " if t.get("database") else ""

@@ -110,5 +110,9 @@ def test_the_build_summary_and_manifest_say_what_the_library_scheduled():
     assert both["tasks_applied"] == 16 and both["library"]["tasks_applied"] == 1
     assert tuning_line({"tuning": both, "target": m["target"]}).startswith(
         "tuning_logs/host/resnet56-int8-810cd591, then kernel library tuning_logs/host/kernels-int8-b1 for 1 kernels")
+    covered = database.manifest_entry(own, {"applied": 16, "tasks": 16, "fixed": 12}, lib, {"applied": 16})
+    assert tuning_line({"tuning": covered, "target": m["target"]}) == (
+        "tuning_logs/host/resnet56-int8-810cd591 (16/16 kernels tuned; 12 layout kernels with a fixed schedule; the "
+        "kernel library tuning_logs/host/kernels-int8-b1 had nothing to add)")
     none = database.manifest_entry({"path": None, "note": "untuned: no tuning log"}, None, None, None)
     assert none["library"] is None and none["tasks_applied"] == 0
