@@ -258,8 +258,8 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
     database, tuning_info = tuning_db.find_database(spec, ckpt.model_name, variant, explicit_dir=settings.tuning_log)
     library, library_info = tuning_db.find_library(spec, prec, settings.batch)  # for the kernels it lacks
     schedules = tuning_db.combine(database, library)
-    applied = tuning_db.tasks_applied(lowered.module, spec, schedules) if schedules is not None else None
-    own = tuning_db.tasks_applied(lowered.module, spec, database) if database is not None and library else None
+    first = database if library is not None else None  # to tell apart what each scheduled
+    applied = tuning_db.tasks_applied(lowered.module, spec, schedules, first) if schedules is not None else None
     executable = targets.compile_module(lowered.module, spec, database=schedules)
     steps.update()
     steps.set_postfix_str("verify against PyTorch")
@@ -270,7 +270,7 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
     runtime = measure_threads(executable, settings.batch) if targets.runs_here(spec) else board_threads(spec)
     steps.set_postfix_str("write artifact")
     facts = {"precision": prec, "precision_reason": prec_reason,
-             "tuning": tuning_db.manifest_entry(tuning_info, applied, library_info, own), "runtime": runtime,
+             "tuning": tuning_db.manifest_entry(tuning_info, applied, library_info), "runtime": runtime,
              "verification": verification, "note": untrained_note, "t_start": t_start}
     manifest = write_artifact(out, executable, ckpt, spec, settings, lowered, facts)
     steps.update()

@@ -108,18 +108,18 @@ def tuning_line(m: dict) -> str:
     t = m["tuning"]
     lib = t.get("library") or {}
     fixed = f"; {t['fixed_schedules']} layout kernels with a fixed schedule" if t.get("fixed_schedules") else ""
-    if t.get("database") and not lib:
-        how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
-        return f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how})"
-    if lib and t.get("database") and not lib.get("tasks_applied"):
-        how = "" if t.get("match") in (None, "exact") else f"; {t['match']}"
-        return (f"{t['database']} ({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how}; "
-                f"the kernel library {lib['database']} had nothing to add)")
+
+    def counts(match) -> str:
+        how = "" if match in (None, "exact") else f"; {match}"
+        return f"{t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how}"
+
+    if t.get("database") and not lib.get("tasks_applied"):  # the model's database did it all (or no library)
+        idle = f"; the kernel library {lib['database']} had nothing to add" if lib else ""
+        return f"{t['database']} ({counts(t.get('match'))}{idle})"
     if lib:
-        how = "" if lib.get("match") in (None, "exact") else f"; {lib['match']}"
         own = f"{t['database']}, then " if t.get("database") else ""
         return (f"{own}kernel library {lib['database']} for {lib.get('tasks_applied')} kernels "
-                f"({t.get('tasks_applied', 0)}/{t.get('tasks', '?')} kernels tuned{fixed}{how})")
+                f"({counts(lib.get('match'))})")
     if m["target"]["kind"] != "cpu" or m["target"]["cross_compiled"]:
         return f"{t.get('note')}; tune on the board over RPC: see `python -m compiler tune --help`"
     ck = f" --checkpoint {m['checkpoint']['path']}" if not m["checkpoint"].get("shipped") else ""

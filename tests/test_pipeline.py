@@ -202,3 +202,8 @@ def test_committed_database_covers_what_build_makes_of_the_shipped_model(target,
     # the int8 layout kernels have a fixed schedule (passes.schedule_layout) and are no tuning tasks any more
     assert applied["applied"] >= least - applied["fixed"] and applied["tasks"] <= meta["tasks_in_db"], applied
     assert applied["tasks"] - applied["applied"] <= 1, applied
+    library, lib_info = database.find_library(spec, prec, 1)
+    if library is not None:  # build's union: the model's database first, the library for what it lacks
+        both = database.tasks_applied(lowered.module, spec, database.combine(db, library), first=db)
+        assert both["first_applied"] == applied["applied"] and both["tasks"] == applied["tasks"], (both, applied)
+        assert applied["applied"] <= both["applied"] <= both["tasks"], both

@@ -87,7 +87,11 @@ def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tun
     low = lower(model, 1, "int8", spec, calib_images=8, untrained=True)
     own, own_info = database.find_database(spec, "resnet20", database.variant_of(low.module, "int8"))
     assert own is None, own_info  # no one tuned these shapes
-    applied = database.tasks_applied(low.module, spec, db)
+    from tvm.s_tir import meta_schedule as ms
+
+    none = ms.database.MemoryDatabase()  # build's union with a model database that has nothing: all from the library
+    applied = database.tasks_applied(low.module, spec, database.combine(none, db), first=none)
+    assert applied["first_applied"] == 0, applied
     assert [m for m in applied["missing"] if "conv2d" in m] == [], (widths, applied)
     assert applied["tasks"] - applied["applied"] <= 1 and applied["tasks"] >= 8, applied
 
@@ -99,20 +103,20 @@ def test_the_build_summary_and_manifest_say_what_the_library_scheduled():
     lib = {"path": str(database.DEFAULT_ROOT / "host" / "kernels-int8-b1"), "sha256": "ab", "match": "exact",
            "note": "kernel library"}
     alone = database.manifest_entry({"path": None, "note": "untuned: no tuning log"},
-                                    {"applied": 11, "tasks": 12, "fixed": 9}, lib, None)
+                                    {"applied": 11, "tasks": 12, "fixed": 9}, lib)
     assert alone["database"] is None and alone["library"]["tasks_applied"] == 11 and alone["tasks_applied"] == 11
     m = {"tuning": alone, "target": {"kind": "cpu", "cross_compiled": False}}
     assert tuning_line(m) == ("kernel library tuning_logs/host/kernels-int8-b1 for 11 kernels (11/12 kernels "
                               "tuned; 9 layout kernels with a fixed schedule)")
     own = {"path": str(database.DEFAULT_ROOT / "host" / "resnet56-int8-810cd591"), "sha256": "cd", "match": "exact",
            "trials": 10, "seconds": 1.0, "note": "db"}
-    both = database.manifest_entry(own, {"applied": 16, "tasks": 16, "fixed": 12}, lib, {"applied": 15})
+    both = database.manifest_entry(own, {"applied": 16, "tasks": 16, "fixed": 12, "first_applied": 15}, lib)
     assert both["tasks_applied"] == 16 and both["library"]["tasks_applied"] == 1
     assert tuning_line({"tuning": both, "target": m["target"]}).startswith(
         "tuning_logs/host/resnet56-int8-810cd591, then kernel library tuning_logs/host/kernels-int8-b1 for 1 kernels")
-    covered = database.manifest_entry(own, {"applied": 16, "tasks": 16, "fixed": 12}, lib, {"applied": 16})
+    covered = database.manifest_entry(own, {"applied": 16, "tasks": 16, "fixed": 12, "first_applied": 16}, lib)
     assert tuning_line({"tuning": covered, "target": m["target"]}) == (
         "tuning_logs/host/resnet56-int8-810cd591 (16/16 kernels tuned; 12 layout kernels with a fixed schedule; the "
         "kernel library tuning_logs/host/kernels-int8-b1 had nothing to add)")
-    none = database.manifest_entry({"path": None, "note": "untuned: no tuning log"}, None, None, None)
+    none = database.manifest_entry({"path": None, "note": "untuned: no tuning log"}, None, None)
     assert none["library"] is None and none["tasks_applied"] == 0

@@ -536,36 +536,46 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     return db, info
 
 
-def tasks_applied(mod, spec, database) -> dict:
+def tasks_applied(mod, spec, database, first=None) -> dict:
     """How many of ``mod``'s kernels ``database`` schedules when built for ``spec``: runs the build's front half
     and MetaScheduleApplyDatabase, then counts the PrimFuncs marked scheduled. ``{"applied", "tasks", "missing",
     "fixed"}`` (distinct kernels; a kernel used twice counts once; ``fixed``: kernels the pipeline schedules
-    itself, the int8 layout kernels of passes.schedule_layout, which are not tuning tasks)."""
+    itself, the int8 layout kernels of passes.schedule_layout, which are not tuning tasks). With ``first`` (the
+    database :func:`combine` put first in ``database``), also ``first_applied``: how many ``first`` alone
+    schedules, from the same front half."""
     import tvm_ffi
-    from tvm import relax, tirx
+    from tvm import tirx
 
     from targets.pipeline import pipeline
 
     target = spec.tvm_target()
     legal = pipeline(spec).legalize(target)(mod)  # the same passes the build runs before applying a database
-    database = open_database(database)  # registers the tensor intrinsics the traces replay with
-    with target, database:
-        applied_mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
-    seen: dict[int, tuple[str, bool]] = {}
+    applied_mods = [_apply(legal, target, db) for db in (database, first) if db is not None]
+    seen: dict[int, tuple[str, list[bool]]] = {}
     fixed = set()
     for gv, func in legal.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        if _is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout): not a tuning task
-            fixed.add(tvm_ffi.structural_hash(func.with_attr("global_symbol", "main")))
-            continue
-        new = applied_mod[gv]
-        scheduled = _is_scheduled(new)
         key = tvm_ffi.structural_hash(func.with_attr("global_symbol", "main"))
-        name, was = seen.get(key, (gv.name_hint, False))
-        seen[key] = (name, was or scheduled)
-    missing = sorted(name for name, ok in seen.values() if not ok)
-    return {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing, "fixed": len(fixed)}
+        if _is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout): not a tuning task
+            fixed.add(key)
+            continue
+        name, was = seen.get(key, (gv.name_hint, [False] * len(applied_mods)))
+        seen[key] = (name, [w or _is_scheduled(m[gv]) for w, m in zip(was, applied_mods)])
+    missing = sorted(name for name, ok in seen.values() if not ok[0])
+    out = {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing, "fixed": len(fixed)}
+    if first is not None:
+        out["first_applied"] = sum(ok[1] for _, ok in seen.values())
+    return out
+
+
+def _apply(legal, target, database):
+    """``legal`` with ``database``'s schedules applied (MetaScheduleApplyDatabase, as the build does)."""
+    from tvm import relax
+
+    database = open_database(database)  # registers the tensor intrinsics the traces replay with
+    with target, database:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
 
 
 def _is_scheduled(func) -> bool:
@@ -581,27 +591,21 @@ def shown(path: str | os.PathLike) -> str:
         return str(path)
 
 
-def manifest_entry(info: dict, applied: dict | None, library: dict | None = None, own: dict | None = None) -> dict:
+def manifest_entry(info: dict, applied: dict | None, library: dict | None = None) -> dict:
     """What build's manifest ``tuning`` should say, from :func:`find_database`'s info, :func:`find_library`'s
-    (``library``), and :func:`tasks_applied` of what the build applied (``applied``: the model's database and the
-    library together; ``own``: the model's database alone, when both were there)."""
+    (``library``), and :func:`tasks_applied` of what the build applied (the model's database and the library
+    together, the model's database ``first``)."""
     lib = None
     if library is not None and library.get("path") is not None:
-        from_library = (applied["applied"] - (own["applied"] if own else 0)) if applied else None
         lib = {"database": shown(library["path"]), "sha256": library["sha256"], "match": library.get("match"),
-               "tasks_applied": from_library}
+               "tasks_applied": applied["applied"] - applied.get("first_applied", 0) if applied else None}
+    counts = {"tasks_applied": applied["applied"] if applied else 0, "tasks": applied["tasks"] if applied else None,
+              "fixed_schedules": applied.get("fixed", 0) if applied else None}
     if info.get("path") is None:
-        return {"database": None, "sha256": None, "library": lib,
-                "tasks_applied": applied["applied"] if applied and lib else 0,
-                "tasks": applied["tasks"] if applied else None,
-                "fixed_schedules": applied.get("fixed", 0) if applied and lib else None,
-                "trials": 0, "note": info.get("note") if lib is None else library.get("note")}
+        return {"database": None, "sha256": None, "library": lib, **counts, "trials": 0,
+                "note": info.get("note") if lib is None else library.get("note")}
     return {"database": shown(info["path"]), "sha256": info["sha256"], "match": info.get("match"), "library": lib,
-            "tasks_applied": applied["applied"] if applied else None,
-            "tasks": applied["tasks"] if applied else None,
-            "fixed_schedules": applied.get("fixed", 0) if applied else None,
-            "trials": info.get("trials"), "tuning_seconds": info.get("seconds"),
-            "note": info.get("note")}
+            **counts, "trials": info.get("trials"), "tuning_seconds": info.get("seconds"), "note": info.get("note")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,30 +76,34 @@ def covering_plans(stage_widths=STAGE_WIDTHS, round_to: int = ROUND_TO, floor: f
     return plans
 
 
-def _inner_groups(graph) -> list:
-    return [g for g in graph.groups if g.prunable]
-
-
-def plan_model(plan: Plan, seed: int = 0):
-    """A ResNet of ``plan.depth`` with random weights whose blocks' inner channels are zeroed down to the plan's
-    widths (what ``prune`` leaves behind; build strips them)."""
+def _zeroed_resnet(depth: int, seed: int, width_of):
+    """A ResNet of ``depth`` with random weights whose i-th prunable group keeps ``width_of(i, group, generator)``
+    random channels, the others zeroed (what ``prune`` leaves behind; build strips them). ``(model, widths)``."""
     import torch
 
     from compiler.models import build_model
     from compiler.prune import dependency, pruner
 
-    torch.manual_seed(seed)
-    model = build_model(f"resnet{plan.depth}").eval()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the weights
+    model = build_model(f"resnet{depth}").eval()
     graph = dependency.analyze(model)
-    groups = _inner_groups(graph)
-    widths = [w for stage in plan.widths for w in stage]
-    if len(groups) != len(widths):
-        raise ValueError(f"resnet{plan.depth} has {len(groups)} prunable groups, the plan {len(widths)} widths")
     kept = {g.name: list(range(g.size)) for g in graph.groups}
-    for g, w in zip(groups, widths):
-        kept[g.name] = sorted(torch.randperm(g.size)[:w].tolist())
+    widths = []
+    for i, g in enumerate(g for g in graph.groups if g.prunable):
+        w = width_of(i, g, gen)
+        kept[g.name] = sorted(torch.randperm(g.size, generator=gen)[:w].tolist())
+        widths.append(w)
     pruner.apply_masks(model, graph, pruner.masks_from_kept(graph, kept))
-    return model
+    return model, widths
+
+
+def plan_model(plan: Plan, seed: int = 0):
+    """A ResNet of ``plan.depth`` with random weights, its blocks' inner channels zeroed down to the plan's widths."""
+    if len({len(stage) for stage in plan.widths}) != 1 or len(plan.widths) != len(STAGE_WIDTHS):
+        raise ValueError(f"a plan has a width for every block of every stage, got {plan.widths}")
+    widths = [w for stage in plan.widths for w in stage]  # a ResNet of plan.depth: one prunable group per block
+    return _zeroed_resnet(plan.depth, seed, lambda i, _g, _gen: widths[i])[0]
 
 
 def random_pruned_model(depth: int, seed: int, round_to: int = ROUND_TO, floor: float = FLOOR):
@@ -107,23 +111,11 @@ def random_pruned_model(depth: int, seed: int, round_to: int = ROUND_TO, floor: 
     benchmarks: a pruned model no database was tuned for). Returns ``(model, widths per block)``."""
     import torch
 
-    from compiler.models import build_model
-    from compiler.prune import dependency, pruner
-
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = build_model(f"resnet{depth}").eval()
-    graph = dependency.analyze(model)
-    kept = {g.name: list(range(g.size)) for g in graph.groups}
-    widths = []
-    for g in _inner_groups(graph):
+    def width_of(_i, g, gen) -> int:
         choices = allowed_widths(g.size, round_to, floor)
-        w = choices[int(torch.randint(len(choices), (1,), generator=gen))]
-        kept[g.name] = sorted(torch.randperm(g.size, generator=gen)[:w].tolist())
-        widths.append(w)
-    pruner.apply_masks(model, graph, pruner.masks_from_kept(graph, kept))
-    return model, widths
+        return choices[int(torch.randint(len(choices), (1,), generator=gen))]
 
+    return _zeroed_resnet(depth, seed, width_of)
 
 
 def library_model(plans: list[Plan] | None = None, seed: int = 0):
