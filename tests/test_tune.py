@@ -385,3 +385,34 @@ def test_build_verb_applies_the_database(tuned, resnet8, tmp_path, tiny_cifar):
     other = _fake_log(tmp_path / "other", targets.get("host"), "resnet20", tuned["variant"])
     assert cli.main(["build", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
                      "--data", str(tiny_cifar), "--out", str(tmp_path / "art2"), "--tuning-log", str(other)]) == 2
+
+
+def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_it(tmp_path, host, lowered):
+    """A database holds one CPU's measurements: when tuning_logs/host/<model>-<variant> was tuned on another CPU
+    of this class (Zen 3 records on a Zen 1), tune writes <model>-<variant>@<mcpu> beside it instead of mixing
+    timings of two machines, and build then applies this CPU's own records before the borrowed ones."""
+    import targets
+
+    cls = targets.cpu_class(host.device["mcpu"])
+    if cls is None:
+        pytest.skip(f"this CPU ({host.device['mcpu']}) is in no x86-64 class (v3/v4)")
+    variant = database.variant_of(lowered, "fp32")
+    root = tmp_path / "root"
+    primary = database.log_dir("host", "resnet8", variant, root)
+    assert database.tune_dir(host, primary) == primary  # free: the usual folder
+    other = next(c for c in SAME_CLASS[cls] if c != host.device["mcpu"])
+    _fake_log(primary, dataclasses.replace(host, device=dict(host.device, mcpu=other)), "resnet8", variant)
+    own = database.tune_dir(host, primary)
+    assert own == primary.parent / f"{primary.name}@{host.device['mcpu']}"
+    db, info = database.find_database(host, "resnet8", variant, root=root)
+    assert info["path"] == str(primary) and info["match"].startswith("same ISA class")  # borrowed until then
+    _fake_log(own, host, "resnet8", variant)
+    assert database.tune_dir(host, primary) == own  # the next tune continues it
+    db, info = database.find_database(host, "resnet8", variant, root=root)
+    assert info["path"] == str(own) and info["match"] == "exact"
+    # a database of another class never takes the free name's place: check_meta refuses it as before
+    foreign = LOWER_OR_HIGHER[cls]
+    shutil.rmtree(own)
+    shutil.rmtree(primary)
+    _fake_log(primary, dataclasses.replace(host, device=dict(host.device, mcpu=foreign)), "resnet8", variant)
+    assert database.tune_dir(host, primary) == primary

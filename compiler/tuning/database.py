@@ -463,6 +463,59 @@ def class_dirs(spec, model_name: str, variant: str, root=None) -> list:
     return [log_dir(n, model_name, variant, root) for n in names]
 
 
+def candidate_dirs(spec, model_name: str, variant: str, root=None) -> list:
+    """Every folder that may hold records of this model variant for ``spec``, in the order lookup tries them:
+    ``tuning_logs/<target>/<model>-<variant>``, its per-CPU siblings ``<model>-<variant>@<mcpu>`` (a database
+    holds the measurements of one CPU; a second CPU of the class tunes into its own), then the same under the
+    other name of ``spec``'s x86 class (:func:`class_dirs`)."""
+    out = []
+    for d in [log_dir(spec.name, model_name, variant, root), *class_dirs(spec, model_name, variant, root)]:
+        out.append(d)
+        if d.parent.is_dir():
+            out.extend(sorted(p for p in d.parent.glob(f"{d.name}@*") if p.is_dir()))
+    return out
+
+
+def best_dir(dirs, spec, accept=None):
+    """``(directory, how, why_not)``: the first of ``dirs`` tuned on exactly this target (this CPU), else the
+    first of the same x86 class; ``(None, None, why)`` with the first reason one was skipped when none fits.
+    ``accept(meta)`` may add a reason of its own to skip a folder (None when it fits)."""
+    same_class, why_first = None, None
+    for d in dirs:
+        if not (d / META_FILE).is_file() or not (d / RECORD_FILE).is_file():
+            continue
+        meta = read_meta(d)
+        how, why = target_match(meta, spec) if meta is not None else (None, None)
+        if why is None and accept is not None:
+            why = accept(meta)
+        if why is not None:
+            why_first = why_first or (d, why)
+            continue
+        if how == "exact":
+            return d, how, None
+        same_class = same_class or (d, how)
+    if same_class is not None:
+        return same_class[0], same_class[1], None
+    return (why_first[0], None, why_first[1]) if why_first else (None, None, None)
+
+
+def tune_dir(spec, primary: Path) -> Path:
+    """Where ``tune`` writes by default: ``primary`` (``tuning_logs/<target>/<model>-<variant>``) when it is free
+    or was tuned on this CPU, a sibling ``<primary>@<mcpu>`` already tuned on this CPU, else a new one when
+    ``primary`` holds another CPU's measurements (records of two CPUs in one database would be ranked by timings
+    from different machines)."""
+    siblings = sorted(p for p in primary.parent.glob(f"{primary.name}@*") if p.is_dir()) if primary.parent.is_dir() else []
+    for d in [primary, *siblings]:
+        meta = read_meta(d) if (d / META_FILE).is_file() else None
+        if meta is not None and target_match(meta, spec)[0] == "exact":
+            return d
+    meta = read_meta(primary) if (primary / META_FILE).is_file() else None
+    mcpu = spec.target_json().get("mcpu")
+    if meta is None or not mcpu or target_match(meta, spec)[1] is not None:
+        return primary  # free, or another target / model altogether: check_meta says why
+    return primary.parent / f"{primary.name}@{_safe(mcpu, 'CPU')}"
+
+
 def target_mismatch(meta: dict, spec) -> str | None:
     """Why ``meta``'s target does not fit ``spec`` (None when it does, exactly or by ISA class)."""
     return target_match(meta, spec)[1]
@@ -496,21 +549,19 @@ def find_database(spec, model_name: str, variant: str, explicit_dir: str | os.Pa
     """The tuning database ``build`` should apply: ``(database or None, info)``.
 
     With ``explicit_dir`` (``build --tuning-log DIR``) that folder must exist and fit (else UserError). Without,
-    ``tuning_logs/<target>/<model>-<variant>/`` is used when it exists; a log there whose target details differ
-    (say, ``host`` tuned on another CPU) is skipped with a note rather than failing the build; a wrong model or
-    variant in its meta is refused. ``info``: ``path``, ``sha256`` (of the record file), ``tasks_in_db``,
+    of ``tuning_logs/<target>/<model>-<variant>/``, its per-CPU siblings ``...@<mcpu>`` and the class folders
+    (:func:`candidate_dirs`), the one tuned on this CPU wins, else one of the same x86 class; a log whose target
+    differs otherwise (``host`` tuned on a CPU of another class) is skipped with a note rather than failing the
+    build; a wrong model or variant in its meta is refused. ``info``: ``path``, ``sha256`` (of the record file), ``tasks_in_db``,
     ``records``, ``trials``, ``seconds``, ``note``.
     """
     explicit = explicit_dir is not None
     directory = Path(explicit_dir) if explicit else log_dir(spec.name, model_name, variant, root)
     info = {"path": None, "sha256": None, "tasks_in_db": 0, "records": 0, "trials": 0, "seconds": 0.0,
             "note": None}
-    if not explicit and not directory.is_dir():  # records of the same x86 class under the other name
-        for other in class_dirs(spec, model_name, variant, root):
-            meta = read_meta(other) if (other / META_FILE).is_file() else None
-            if meta is not None and target_match(meta, spec)[1] is None:
-                directory = other
-                break
+    if not explicit:  # this CPU's records first, then another CPU's of the same x86 class
+        found, _, _ = best_dir(candidate_dirs(spec, model_name, variant, root), spec)
+        directory = found or directory
     if not directory.is_dir():
         if explicit:
             raise UserError(f"tuning log {directory} does not exist")
@@ -628,19 +679,18 @@ def find_library(spec, precision: str, batch: int, root: str | os.PathLike | Non
 
     info = {"path": None, "sha256": None, "match": None, "note": None}
     variant = f"{_safe(precision, 'precision')}-b{int(batch)}"
-    why = None
-    for directory in [library_dir(spec.name, precision, batch, root), *class_dirs(spec, LIBRARY_MODEL, variant, root)]:
-        if not (directory / META_FILE).is_file() or not (directory / RECORD_FILE).is_file():
-            continue
-        meta = read_meta(directory)
-        how, why = target_match(meta, spec)
-        if why is None and (meta.get("model"), meta.get("precision"), meta.get("batch")) != (
-                LIBRARY_MODEL, precision, int(batch)):
-            why = f"{shown(directory)} is not a {precision} batch-{batch} kernel library"
-        if why is None:
-            info.update(path=str(directory), sha256=fileio.sha256_file(directory / RECORD_FILE), match=how,
-                        note=f"kernel library {shown(directory)} ({how})")
-            return open_database(directory), info
+
+    def is_library(meta):
+        if (meta.get("model"), meta.get("precision"), meta.get("batch")) != (LIBRARY_MODEL, precision, int(batch)):
+            return f"it is not a {precision} batch-{batch} kernel library"
+        return None
+
+    directory, how, why = best_dir(candidate_dirs(spec, LIBRARY_MODEL, variant, root), spec, is_library)
+    if how is not None:
+        info.update(path=str(directory), sha256=fileio.sha256_file(directory / RECORD_FILE), match=how,
+                    note=f"kernel library {shown(directory)} ({how})")
+        return open_database(directory), info
+    why = f"{shown(directory)}: {why}" if why else None
     info["note"] = (f"no kernel library for {spec.name} {precision} batch {batch}" + (f" ({why})" if why else "")
                     + f": `python -m compiler tune --library --target {spec.name} --precision {precision}` makes one")
     return None, info

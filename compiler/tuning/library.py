@@ -161,7 +161,7 @@ def tune_library(settings, *, progress: bool = True) -> dict:
     plans = covering_plans()
     lowered = lower(library_model(plans), settings.batch, prec, spec, calib_images=LIBRARY_CALIB_IMAGES,
                     calibration=settings.quant.calibration, keep=settings.quant.keep_fp32, untrained=True)
-    directory = settings.log_dir or database.library_dir(spec.name, prec, settings.batch)
+    directory = settings.log_dir or database.tune_dir(spec, database.library_dir(spec.name, prec, settings.batch))
     return tune_module(lowered.module, spec, LIBRARY_MODEL, prec, settings.batch, settings.trials,
                        directory=directory, tracker=settings.tracker, key=settings.key, timeout=settings.timeout,
                        trials_per_iter=settings.trials_per_iter, num_cores=settings.num_cores, seed=settings.seed,

@@ -259,7 +259,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
 
     measure = _measurement(spec, trials, population, tracker, key, timeout)
     variant = database.variant_of(mod, prec)
-    directory = Path(directory) if directory is not None else database.log_dir(spec.name, model_name, variant, root)
+    directory = (Path(directory) if directory is not None
+                 else database.tune_dir(spec, database.log_dir(spec.name, model_name, variant, root)))
     database.check_log_dir(directory)
     target = database.tune_target(spec, num_cores)
     meta = _existing_meta(directory, spec, model_name, variant)
