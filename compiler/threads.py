@@ -55,6 +55,20 @@ def prepare_tvm() -> None:
         os.environ[ENV] = str(cores())
 
 
+def for_measurement(n: int) -> int:
+    """Make the kernels MetaSchedule measures on this machine run on ``n`` threads (its runner's worker processes
+    inherit this environment), unless the user set ``TVM_NUM_THREADS``; the count they run on.
+
+    Without it TVM sizes a process's pool to half the logical CPUs on x86 - one thread on a 2-vCPU VM - and a
+    search for a ``num-cores`` 2 target would rank every candidate by its one-thread time, blind to how its
+    parallel loop splits (measured on a 2-core Zen 1: kernels tuned that way ran no faster on two threads)."""
+    user = user_tvm_threads()
+    if user is not None:
+        return user
+    os.environ[ENV] = str(int(n))
+    return int(n)
+
+
 def set_tvm(n: int) -> int:
     """Run TVM kernels on ``n`` threads from now on (capped at the pool's size); the count now in use."""
     import tvm

@@ -231,6 +231,12 @@ def test_resume_through_the_cli_continues_the_database(tuned, resnet8, capsys):
     assert result["trials_total"] == TRIALS + 2
     meta = json.loads((directory / database.META_FILE).read_text())
     assert meta["trials"] == TRIALS + 2 and len(meta["sessions"]) == 2 and meta["sessions"][1]["runner"] == "local"
+    # measured at the thread count the target's parallel loops are sized for (TVM's own default would be half the
+    # logical CPUs: one on a 2-vCPU VM), unless the user's TVM_NUM_THREADS says otherwise
+    from compiler import threads
+
+    wanted = threads.user_tvm_threads() or meta["sessions"][1]["target"]["num-cores"]
+    assert meta["sessions"][1]["threads"] == wanted and os.environ["TVM_NUM_THREADS"] == str(wanted)
     assert "task" in out and "best_ms" in out  # the summary table
 
 

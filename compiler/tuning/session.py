@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import console, precision
+from compiler import threads as threads_mod
 from compiler.build import BuildSettings, QuantSettings
 from compiler.errors import SettingError, UserError
 from compiler.tuning import database, tvm_compat
@@ -263,6 +264,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
                  else database.tune_dir(spec, database.log_dir(spec.name, model_name, variant, root)))
     database.check_log_dir(directory)
     target = database.tune_target(spec, num_cores)
+    if tracker is None:  # measure at the thread count the target is tuned for (its parallel loops split that way)
+        measure.threads = threads_mod.for_measurement(int(target.attrs.get("num-cores", 1)))
     meta = _existing_meta(directory, spec, model_name, variant)
     passes = pipeline(spec, prec)  # the passes build runs: the kernels tuned are the kernels built
     extracted = _extract_tasks(passes.legalize(target)(mod), target)
@@ -298,6 +301,7 @@ class _Measurement:
     timeout: float
     servers: int = 0
     emulated: dict | None = None  # the emulated board's record, when the servers run in it
+    threads: int | None = None  # threads the kernels run on when measured on this machine
 
     def runner(self):
         return make_runner(self.tracker, self.key, self.servers, self.timeout)
@@ -312,6 +316,8 @@ class _Measurement:
         session = {"started": database.utc_now(), "trials": 0, "seconds": 0.0, "runner": runner,
                    "target": database.target_dict(target), "completed": False,
                    "measured_on": None if self.tracker else _this_cpu()}
+        if self.threads:
+            session["threads"] = self.threads
         if self.emulated:
             session["timing_note"] = self.emulated["note"]
         return session
