@@ -1,6 +1,7 @@
 """The build pipeline end to end on this CPU: artifact folder, manifest, verification, eval --artifact."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -152,3 +153,16 @@ def test_main_job_builds_a_board_artifact(tmp_path):
     assert (out / "model.so").read_bytes()[:4] == b"\x7fELF"
     r = cli("eval", "--artifact", out)
     assert r.returncode == 2 and "cannot run" in r.stderr
+
+
+def test_tuning_measures_on_the_targets_cores_unless_the_user_chose(monkeypatch):
+    """MetaSchedule's runner processes inherit TVM_NUM_THREADS: tune sets it to the target's num-cores (TVM's own
+    default is half the logical CPUs, one thread on a 2-vCPU VM), and a count the user set stays theirs."""
+    from compiler import threads
+
+    monkeypatch.setattr(threads, "_user_env", None)
+    monkeypatch.setenv(threads.ENV, "7")
+    assert threads.for_measurement(2) == 2 and os.environ[threads.ENV] == "2"
+    monkeypatch.setattr(threads, "_user_env", "3")
+    monkeypatch.setenv(threads.ENV, "3")
+    assert threads.for_measurement(2) == 3 and os.environ[threads.ENV] == "3"
