@@ -470,10 +470,13 @@ def candidate_dirs(spec, model_name: str, variant: str, root=None) -> list:
     other name of ``spec``'s x86 class (:func:`class_dirs`)."""
     out = []
     for d in [log_dir(spec.name, model_name, variant, root), *class_dirs(spec, model_name, variant, root)]:
-        out.append(d)
-        if d.parent.is_dir():
-            out.extend(sorted(p for p in d.parent.glob(f"{d.name}@*") if p.is_dir()))
+        out += [d, *_cpu_siblings(d)]
     return out
+
+
+def _cpu_siblings(directory: Path) -> list:
+    """The per-CPU folders ``<directory>@<mcpu>`` beside ``directory``, by name."""
+    return sorted(p for p in directory.parent.glob(f"{directory.name}@*") if p.is_dir())
 
 
 def best_dir(dirs, spec, accept=None):
@@ -485,7 +488,7 @@ def best_dir(dirs, spec, accept=None):
         if not (d / META_FILE).is_file() or not (d / RECORD_FILE).is_file():
             continue
         meta = read_meta(d)
-        how, why = target_match(meta, spec) if meta is not None else (None, None)
+        how, why = target_match(meta, spec)
         if why is None and accept is not None:
             why = accept(meta)
         if why is not None:
@@ -504,12 +507,11 @@ def tune_dir(spec, primary: Path) -> Path:
     or was tuned on this CPU, a sibling ``<primary>@<mcpu>`` already tuned on this CPU, else a new one when
     ``primary`` holds another CPU's measurements (records of two CPUs in one database would be ranked by timings
     from different machines)."""
-    siblings = sorted(p for p in primary.parent.glob(f"{primary.name}@*") if p.is_dir()) if primary.parent.is_dir() else []
-    for d in [primary, *siblings]:
-        meta = read_meta(d) if (d / META_FILE).is_file() else None
+    metas = {d: read_meta(d) for d in [primary, *_cpu_siblings(primary)]}  # None where there is none
+    for d, meta in metas.items():
         if meta is not None and target_match(meta, spec)[0] == "exact":
             return d
-    meta = read_meta(primary) if (primary / META_FILE).is_file() else None
+    meta = metas[primary]
     mcpu = spec.target_json().get("mcpu")
     if meta is None or not mcpu or target_match(meta, spec)[1] is not None:
         return primary  # free, or another target / model altogether: check_meta says why

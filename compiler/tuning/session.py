@@ -22,8 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler import console, precision
-from compiler import threads as threads_mod
+from compiler import console, precision, threads
 from compiler.build import BuildSettings, QuantSettings
 from compiler.errors import SettingError, UserError
 from compiler.tuning import database, tvm_compat
@@ -265,7 +264,7 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     database.check_log_dir(directory)
     target = database.tune_target(spec, num_cores)
     if tracker is None:  # measure at the thread count the target is tuned for (its parallel loops split that way)
-        measure.threads = threads_mod.for_measurement(int(target.attrs.get("num-cores", 1)))
+        measure.threads = threads.for_measurement(int(target.attrs.get("num-cores", 1)))
     meta = _existing_meta(directory, spec, model_name, variant)
     passes = pipeline(spec, prec)  # the passes build runs: the kernels tuned are the kernels built
     extracted = _extract_tasks(passes.legalize(target)(mod), target)
