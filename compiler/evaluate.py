@@ -26,12 +26,19 @@ def top1(model: torch.nn.Module, split: data.Split, normalize: str, batch_size: 
 
 def evaluate(ckpt, data_dir=None, *, limit: int | None = None, batch_size: int = 500, download: bool = False,
              progress: bool = True) -> dict:
-    """Top-1 (%) of a loaded checkpoint (PyTorch) on the first ``limit`` CIFAR-10 test images (all by default)."""
+    """Top-1 (%) of a loaded checkpoint (PyTorch) on the first ``limit`` CIFAR-10 test images (all by default).
+    A pruned checkpoint runs as its physically shrunk copy (:func:`compiler.pair.shrunk`: the removed channels
+    deleted, the same function at the MACs the pruning kept), not as the dense network with zeroed filters."""
     if limit is not None and limit <= 0:
         raise SettingError("limit", "must be a positive number of images")
     split = data.load_split(data_dir, "test", download=download).head(limit)
     t0 = time.perf_counter()
-    acc = top1(ckpt.model, split, ckpt.normalize, batch_size, progress=progress)
+    model = ckpt.model
+    if ckpt.pruning:
+        from compiler import pair
+
+        model = pair.shrunk(ckpt)
+    acc = top1(model, split, ckpt.normalize, batch_size, progress=progress)
     return {
         "model": ckpt.model_name,
         "checkpoint": ckpt.path,

@@ -22,6 +22,7 @@ Emulated timings say nothing about a real board's speed (qemu translates every i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,18 +33,22 @@ import time
 import zipfile
 from pathlib import Path
 
+from compiler import fileio
 from compiler.errors import UserError
 
 FORMAT = "cifar-hybrid-compiler/board-aarch64/1"
 DEBS = ("libc6 libstdc++6 libgcc-s1 zlib1g libffi8 libexpat1 libbz2-1.0 liblzma5 libssl3 libpython3.11-minimal "
         "libpython3.11-stdlib python3.11-minimal libncursesw6 libtinfo6 libreadline8 libsqlite3-0 libuuid1 libzstd1 "
         "libcrypt1 libdb5.3 libgdbm6 libnsl2 libtirpc3").split()
-WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes", "typing_extensions",
+# no ml_dtypes (a dependency of apache-tvm that TVM and tvm_ffi import only if present, for bfloat16 / float8 arrays,
+# which no artifact of this project has): its extension takes ~13 s of the ~19 s import tvm costs under qemu
+WHEELS = ("apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "typing_extensions",
           "psutil", "cloudpickle", "tornado")
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux2014_aarch64", "manylinux_2_17_aarch64")
 GUEST_PYTHON = "3.11"
 # TVM's compiler library: not needed on a board (runtime only), 229 MB
 DROP = ("tvm/lib/libtvm_compiler.so",)
+NOT_ON_BOARD = ("ml_dtypes",)  # packages an earlier setup put on the board, removed when it is next used
 TIMING_NOTE = ("emulated aarch64 board (qemu-user on this machine's CPU): the timings say nothing about a real "
                "board's speed")
 
@@ -52,7 +57,9 @@ WRAPPER = r"""#!/bin/sh
 HERE=$(CDPATH= cd -- "$(dirname -- "$0")/.." && pwd)
 export PYTHONPATH="$HERE/sysroot/opt/site-packages${{BOARD_PYTHONPATH:+:$BOARD_PYTHONPATH}}"
 export PYTHONNOUSERSITE=1 TVM_USE_RUNTIME_LIB=1
-unset PYTHONHOME
+# the guest's bytecode is cached in this folder even where the caller disables it: every guest Python start
+# compiles its imports under qemu otherwise (import tvm: ~26 s instead of ~19 s)
+unset PYTHONHOME PYTHONDONTWRITEBYTECODE
 exec "${{BOARD_QEMU:-{qemu}}}" -L "$HERE/sysroot" -0 "$HERE/bin/python3" "$HERE/sysroot/usr/bin/python{py}" "$@"
 """
 
@@ -211,6 +218,7 @@ def setup(force: bool = False) -> dict:
     folder = board_dir()
     record = info(folder)
     if record and not force:
+        _refresh(folder, record)
         return record
     problem = missing_host_tools()
     if problem:
@@ -231,8 +239,8 @@ def setup(force: bool = False) -> dict:
         wrapper = new / "bin" / "python3"
         wrapper.write_text(WRAPPER.format(py=GUEST_PYTHON, qemu=qemu))
         wrapper.chmod(0o755)
-        _say("checking it: import tvm (runtime only) and numpy in the emulated board (~15 s)")
-        proc = subprocess.run([str(wrapper), "-c", "import platform, tvm, numpy; "
+        _say("checking it: import tvm (runtime only), its RPC server and numpy in the emulated board (~15 s)")
+        proc = subprocess.run([str(wrapper), "-c", "import platform, tvm, tvm.exec.rpc_server, numpy; "
                                "print(platform.machine(), platform.python_version(), tvm.__version__, "
                                "numpy.__version__, platform.libc_ver()[1])"],
                               capture_output=True, text=True, env=host_env(), timeout=300)
@@ -258,9 +266,33 @@ def setup(force: bool = False) -> dict:
     return record
 
 
+def _refresh(folder: Path, record: dict) -> None:
+    """A board set up by an earlier version of this module gets the current wrapper and loses the packages it no
+    longer has (:data:`NOT_ON_BOARD`): both are this module's own output; everything else in the folder is kept."""
+    packages = site_packages(folder)
+    for name in NOT_ON_BOARD:
+        for path in [packages / name, *packages.glob(f"{name}-*.dist-info")]:
+            shutil.rmtree(path, ignore_errors=True)
+    wheels = [w for w in record.get("wheels", []) if not w.startswith(tuple(f"{n}-" for n in NOT_ON_BOARD))]
+    if wheels != record.get("wheels", []):
+        record["wheels"] = wheels
+        with contextlib.suppress(OSError):
+            fileio.write_text(folder / "board.json", json.dumps(record, indent=1) + "\n")
+    wrapper = folder / "bin" / "python3"
+    text = WRAPPER.format(py=GUEST_PYTHON, qemu=record.get("qemu") or find_qemu())
+    try:
+        if wrapper.read_text() == text:
+            return
+        with fileio.atomic_path(wrapper) as tmp:
+            tmp.write_text(text)
+            tmp.chmod(0o755)
+    except OSError:  # a read-only board folder keeps the wrapper it has
+        pass
+
+
 def ensure() -> dict:
     """The ready board; set up (with progress) on first use."""
-    return info() or setup()
+    return setup()
 
 
 def run_guest(args: list[str], timeout: float | None = None, env_extra: dict | None = None,

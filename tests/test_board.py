@@ -75,6 +75,8 @@ def test_setup_is_cached_and_reported(board, capsys):
     assert emulate.setup() == board  # cached: no download, no guest start
     assert time.perf_counter() - t0 < 2
     assert not (emulate.site_packages() / "tvm" / "lib" / "libtvm_compiler.so").exists()  # runtime only
+    assert not (emulate.site_packages() / "ml_dtypes").exists()  # ~13 s of every guest start, used by no artifact
+    assert "unset PYTHONHOME PYTHONDONTWRITEBYTECODE" in (emulate.board_dir() / "bin" / "python3").read_text()
     rc, out, err = run_cli(capsys, "board", "--emulate", "status", "--json")
     assert rc == 0, err
     status = json.loads(out.strip().splitlines()[-1])
@@ -82,6 +84,31 @@ def test_setup_is_cached_and_reported(board, capsys):
     assert "say nothing about a real board" in out
     rc, _, err = run_cli(capsys, "board", "status")
     assert rc == 2 and err.strip().startswith("error:") and "--emulate" in err
+
+
+def test_a_board_set_up_by_an_earlier_version_is_brought_up_to_date(tmp_path, monkeypatch):
+    """No qemu needed: a cached board's wrapper is rewritten and the packages the board no longer has are removed
+    (both the setup's own output); the rest of the folder stays as it was."""
+    from targets import emulate
+
+    folder = tmp_path / "board"
+    packages = emulate.site_packages(folder)
+    for name in ("ml_dtypes", "ml_dtypes-0.7.0.dist-info", "numpy"):
+        (packages / name).mkdir(parents=True)
+        (packages / name / "__init__.py").write_text("")
+    (folder / "bin").mkdir()
+    old = "#!/bin/sh\nexec qemu python3.11 \"$@\"\n"
+    (folder / "bin" / "python3").write_text(old)
+    record = {"format": emulate.FORMAT, "qemu": "/usr/bin/qemu-aarch64", "machine": "aarch64",
+              "wheels": ["ml_dtypes-0.7.0-cp311.whl", "numpy-2.4.6-cp311.whl"]}
+    (folder / "board.json").write_text(json.dumps(record))
+    monkeypatch.setenv("CIFAR_BOARD_DIR", str(folder))
+    got = emulate.setup()
+    assert got["wheels"] == ["numpy-2.4.6-cp311.whl"] == json.loads((folder / "board.json").read_text())["wheels"]
+    assert sorted(p.name for p in packages.iterdir()) == ["numpy"]
+    wrapper = (folder / "bin" / "python3").read_text()
+    assert wrapper == emulate.WRAPPER.format(py=emulate.GUEST_PYTHON, qemu="/usr/bin/qemu-aarch64")
+    assert (folder / "bin" / "python3").stat().st_mode & 0o111
 
 
 def test_aarch64_artifact_runs_in_the_board_and_matches_pytorch(board, aarch64_artifact, images, capsys):
@@ -221,8 +248,9 @@ def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 300
-    # MetaSchedule's first round measures every task (ResNet8: 12) before it joins them; the kill comes after it
-    while _records(db) < 12 and proc.poll() is None and time.monotonic() < deadline:
+    # the kill comes once a few records are on disk (MetaSchedule's first round measures each of ResNet8's 12
+    # tasks in turn: waiting for all of them tests nothing more)
+    while _records(db) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
     servers[-1].kill()  # the server and its session worker, without warning (and no supervisor restarts it)
@@ -235,7 +263,7 @@ def test_tune_through_the_emulated_server_survives_a_drop_and_build_applies_it(
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: the RPC server under key") and "stopped serving" in last, err
     kept = _records(db)
-    assert kept >= 12 and f"keeps all {kept} records" in last and "run the same command again" in last
+    assert kept >= 3 and f"keeps all {kept} records" in last and "run the same command again" in last
     meta = json.loads((db / database.META_FILE).read_text())
     assert meta["trials"] == kept and not meta["sessions"][-1]["completed"]
     assert "say nothing about a real board" in meta["timing_note"]
