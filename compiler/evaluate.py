@@ -33,11 +33,14 @@ def evaluate(ckpt, data_dir=None, *, limit: int | None = None, batch_size: int =
         raise SettingError("limit", "must be a positive number of images")
     split = data.load_split(data_dir, "test", download=download).head(limit)
     t0 = time.perf_counter()
+    from compiler.prune import pruner
+
     model = ckpt.model
     if ckpt.pruning:
         from compiler import pair
 
         model = pair.shrunk(ckpt)
+    macs, _ = pruner.count(model)
     acc = top1(model, split, ckpt.normalize, batch_size, progress=progress)
     return {
         "model": ckpt.model_name,
@@ -45,5 +48,6 @@ def evaluate(ckpt, data_dir=None, *, limit: int | None = None, batch_size: int =
         "normalize": ckpt.normalize,
         "top1": round(acc, 2),
         "n": len(split),
+        "macs": macs,  # of the network that ran: a pruned checkpoint's shrunk copy
         "seconds": round(time.perf_counter() - t0, 2),
     }

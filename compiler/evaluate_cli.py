@@ -50,5 +50,5 @@ def run(args) -> dict:
 
     ckpt = zoo.load(args.model, args.checkpoint, args.normalize)
     result = evaluate(ckpt, args.data, limit=args.limit, batch_size=args.batch_size, download=args.download)
-    print(console.table([result], ["model", "top1", "n", "normalize", "seconds", "checkpoint"]))
+    print(console.table([result], ["model", "top1", "n", "macs", "normalize", "seconds", "checkpoint"]))
     return result

@@ -119,7 +119,7 @@ def test_eval_shared_resnet56_limit(shared_data, shared_resnet56):
             "--normalize", "imagenet", "--limit", 1000, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["n"] == 1000 and out["top1"] > 90
+    assert out["n"] == 1000 and out["top1"] > 90 and out["macs"] == 125_485_696  # dense: all of it
 
 
 def test_zoo_add_ships_a_pruned_model_with_its_base_licence_and_verification_images(tmp_path, tiny_cifar):
@@ -194,3 +194,4 @@ def test_eval_without_checkpoint_prints_the_shipped_cards_top1(shared_data):
     assert "using the shipped resnet56" in r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n"] == card["n_test"] == 10000 and out["top1"] == card["top1"] >= 92.5
+    assert out["macs"] == card["macs_compiled"] < 0.5 * card["macs_dense"]  # it ran the shrunk network
