@@ -263,17 +263,14 @@ def summarize(directory: str | os.PathLike) -> dict:
 
 
 def open_database(directory, create: bool = False, writer: bool = False):
-    """A MetaSchedule JSONDatabase on ``directory`` (a tuning-log folder; a Database object is returned as is):
-    the one way this project opens a database. The CPU tensor intrinsics are registered first: int8 records
-    tensorize with them, so loading and replaying their traces needs them.
+    """A MetaSchedule database on ``directory`` (a tuning-log folder; a Database object is returned as is): the one
+    way this project opens a database. The CPU tensor intrinsics are registered first: int8 records tensorize with
+    them, so loading and replaying their traces needs them.
 
-    ``writer`` (tune, holding the folder's lock): the files are repaired in place first, and ``create`` makes
-    them when missing. Readers (build) never touch the files - they may be committed, or a tune may be
-    appending to them: a database with a torn tail is loaded from a repaired temporary copy instead.
+    ``writer`` (tune, holding the folder's lock): a JSONDatabase on the files, repaired in place first; ``create``
+    makes them when missing. Readers (build, coverage counts) get :func:`best_records`: never touching the files
+    (they may be committed, or a tune may be appending to them: a torn tail is skipped).
     """
-    import shutil
-    import tempfile
-
     from tvm.s_tir import meta_schedule as ms
 
     from compiler.tuning.tvm_compat import register_tensor_intrinsics
@@ -286,21 +283,37 @@ def open_database(directory, create: bool = False, writer: bool = False):
         directory.mkdir(parents=True, exist_ok=True)
     elif not (directory / WORKLOAD_FILE).is_file() or not (directory / RECORD_FILE).is_file():
         raise UserError(f"{directory} holds no MetaSchedule database ({WORKLOAD_FILE} + {RECORD_FILE})")
-    source, scratch = directory, None
-    if writer:
-        repair(directory)
-    elif repair(directory, dry_run=True)["needed"]:
-        scratch = Path(tempfile.mkdtemp(prefix="tuning-db-"))
-        for name in (WORKLOAD_FILE, RECORD_FILE):
-            shutil.copyfile(directory / name, scratch / name)
-        repair(scratch)
-        source = scratch
-    try:
-        return ms.database.JSONDatabase(path_workload=str(source / WORKLOAD_FILE),
-                                        path_tuning_record=str(source / RECORD_FILE), allow_missing=create)
-    finally:
-        if scratch is not None:  # JSONDatabase has read it all; a reader never appends
-            shutil.rmtree(scratch, ignore_errors=True)
+    if not writer:
+        return best_records(directory)
+    repair(directory)
+    return ms.database.JSONDatabase(path_workload=str(directory / WORKLOAD_FILE),
+                                    path_tuning_record=str(directory / RECORD_FILE), allow_missing=create)
+
+
+def best_records(directory: str | os.PathLike):
+    """An in-memory database with each workload's best record only: what MetaSchedule's ApplyDatabase takes
+    from the whole JSONDatabase (its top-1 by mean run time, the earliest of equals; records whose every run
+    failed are skipped), loaded in a fraction of the time: the JSONDatabase parses every trial's trace (the
+    Zen 1 ResNet56 database: 1,216 traces, 10.5 s; this: 16, 0.5 s)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    directory = Path(directory)
+    workloads, _ = _clean_lines(directory / WORKLOAD_FILE, None)
+    records, _ = _clean_lines(directory / RECORD_FILE, len(workloads))
+    best: dict[int, tuple[float, list]] = {}
+    for raw in records:
+        idx, record = json.loads(raw)
+        secs = [float(v) for v in record[1]] if record[1] else []
+        if not secs or all(v == FAILED_SECS for v in secs):
+            continue
+        mean = sum(secs) / len(secs)
+        if idx not in best or mean < best[idx][0]:
+            best[idx] = (mean, record)
+    db = ms.database.MemoryDatabase()
+    for idx in sorted(best):
+        workload = db.commit_workload(ms.database.Workload.from_json(json.loads(workloads[idx])).mod)
+        db.commit_tuning_record(ms.database.TuningRecord.from_json(best[idx][1], workload))
+    return db
 
 
 def is_log_dir(directory: Path) -> bool:
