@@ -2,6 +2,7 @@
 attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per target and precision.
 
     FoldBatchnorm      passes/fold_batchnorm.py       BatchNorm into conv2d, constants folded
+    FoldConstantLayout passes/fold_constant_layout.py reshape / transpose of constants folded in numpy
     StripZeroChannels  passes/strip_zero_channels.py  physical removal of pruned (provably zero) channels
     Quantize           passes/quantize.py             calibrated int8 compute (NCHW)
     QuantizeWeights    passes/quantize_weights.py     int8-stored weights, fp16 compute

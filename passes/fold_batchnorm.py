@@ -12,17 +12,21 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from passes.fold_constant_layout import FoldConstantLayout
+
 __all__ = ["FoldBatchnorm"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="FoldBatchnorm")
 class FoldBatchnorm:
-    """``FoldBatchnormToConv2D`` -> ``DecomposeOpsForInference`` -> ``FoldConstant``."""
+    """``FoldBatchnormToConv2D`` -> ``DecomposeOpsForInference`` -> :class:`FoldConstantLayout` (the importer's
+    reshaped biases and transposed weights, in numpy) -> ``FoldConstant`` (the rest)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         seq = tvm.transform.Sequential([
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),  # a BatchNorm no conv2d precedes becomes plain arithmetic
+            FoldConstantLayout(),
             relax.transform.FoldConstant(),
         ])
         return seq(mod)
