@@ -100,8 +100,9 @@ def render(result: dict) -> None:
     print(console.table(rows, ["", "value"], title="build summary"))
 
 
-# measured on a 2-core Zen 4 (README, benchmarks/resnet56_host_latency.md): what skipping tuning costs on a CPU
-UNTUNED_SLOWDOWN = "ResNet56 fp32 105.9 ms untuned vs 3.34 ms tuned (32x); int8 18.9 ms vs 0.78 ms (24x)"
+# what skipping tuning costs on a CPU: the dense ResNet56 built with and without tuning_logs/host, 2-core AMD Zen 5,
+# 2 threads, untuned kernels parallel (passes/parallel_fallback.py); benchmarks/resnet56_defaults.md
+UNTUNED_SLOWDOWN = "ResNet56 fp32 50.2 ms untuned vs 1.35 ms tuned (37x); int8 7.04 ms vs 0.55 ms (13x)"
 
 
 def tuning_line(m: dict) -> str:
@@ -122,9 +123,10 @@ def tuning_line(m: dict) -> str:
                 f"({counts(lib.get('match'))})")
     if m["target"]["kind"] != "cpu" or m["target"]["cross_compiled"]:
         return f"{t.get('note')}; tune on the board over RPC: see `python -m compiler tune --help`"
-    ck = f" --checkpoint {m['checkpoint']['path']}" if not m["checkpoint"].get("shipped") else ""
+    path = m["checkpoint"].get("path")
+    ck = f" --checkpoint {path}" if path and not m["checkpoint"].get("shipped") else ""
     ck += " --data DIR" if m["precision"] == "int8" else ""
-    return (f"UNTUNED: {t.get('note')}. Default schedules run 20-30x slower than tuned ones ({UNTUNED_SLOWDOWN}). "
+    return (f"UNTUNED: {t.get('note')}. Default schedules run 10-40x slower than tuned ones ({UNTUNED_SLOWDOWN}). "
             f"Fix: python -m compiler tune --target {m['target']['name']} --model {m['model']}{ck} "
             f"--precision {m['precision']} --batch {m['input']['shape'][0]} --trials 1000, then build again")
 

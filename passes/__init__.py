@@ -8,6 +8,7 @@ attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per targe
     QuantizeWeights    passes/quantize_weights.py     int8-stored weights, fp16 compute
     Int8Layout         passes/int8_layout.py          int8 conv2d in the packed layout of x86 int8 dot products
     ScheduleLayoutKernels passes/schedule_layout.py   a fixed vectorized schedule for that layout's data movers
+    ParallelFallback   passes/parallel_fallback.py    untuned CPU kernels: their spatial loops on the thread pool
 
 and cost counting on the IR (passes/analysis.py).
 """

@@ -180,6 +180,25 @@ def _static_batch(func: relax.Function) -> int | None:
         return None
 
 
+def _cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's default CPU pipeline with the kernels on every core (:mod:`passes.parallel_fallback`): the probe module
+    is untuned fp32, and calibration runs it over every calibration image."""
+    import importlib
+
+    from passes.parallel_fallback import ParallelFallback
+
+    stages = importlib.import_module("tvm.relax.backend.cpu_generic.pipeline")
+
+    @tvm.transform.module_pass(opt_level=0, name="calibration_cpu_pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                stages.library_dispatch_passes(target) + stages.legalize_passes(target) + [ParallelFallback()]
+                + stages.dataflow_lower_passes(target) + stages.finalize_passes(target))(mod)
+
+    return _pipeline
+
+
 def collect(mod: tvm.IRModule, exprs: list, images: np.ndarray, *, func_name: str = "main",
             target: tvm.target.Target | None = None, progress=None) -> Collected:
     """Run the fp32 ``mod`` on ``images`` (float32 NCHW, already normalized) and histogram each of ``exprs``
@@ -192,7 +211,7 @@ def collect(mod: tvm.IRModule, exprs: list, images: np.ndarray, *, func_name: st
     batch = _static_batch(mod[func_name]) or min(len(images), 64)
     if target is None:
         target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu() or "generic"})
-    exe = tvm.compile(probe, target, relax_pipeline=relax.get_default_pipeline(target))
+    exe = tvm.compile(probe, target, relax_pipeline=_cpu_pipeline(target))
     vm = relax.VirtualMachine(exe, tvm.cpu())
     hists = [Histogram() for _ in exprs]
     for i in range(0, len(images), batch):

@@ -13,7 +13,9 @@ built::
                                                   -> FoldConstant -> FuseOps -> FuseTIR
                                                   [-> ScheduleLayoutKernels (CPU): int8 layout kernels, not tuned]
     lowering (to the target)                    legalize -> MetaScheduleApplyDatabase (a database) -> DLight
-                                                  (CUDA) -> TVM's dataflow lowering and finalization
+                                                  (CUDA: GPU rules; CPU: ParallelFallback, the untuned kernels'
+                                                  spatial loops on the thread pool) -> TVM's dataflow lowering
+                                                  and finalization
 
 int8 needs a calibration (:func:`passes.quantize.calibrate`, run on the fp32 module :meth:`Pipeline.fp32` makes)
 before :meth:`Pipeline.graph` can be built. Reports (channels stripped, layers quantized) travel as module
@@ -59,6 +61,13 @@ def _stages(backend: str):
     import importlib
 
     return importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
+
+
+def _cpu_fallback():
+    """What no tuning record scheduled runs on every core (:mod:`passes.parallel_fallback`)."""
+    from passes.parallel_fallback import ParallelFallback
+
+    return ParallelFallback()
 
 
 def _gpu_rules():
@@ -133,8 +142,9 @@ class Pipeline:
     def lowering(self, database=None) -> tvm.transform.Pass:
         """The target's Relax pipeline, with the schedules of ``database`` (a MetaSchedule Database or a
         tuning-log folder) applied after :meth:`legalize`. CUDA: DLight's default GPU rules ending in ``Fallback``
-        so that *every* PrimFunc gets thread bindings; CPU without a database: the same passes (TVM's default
-        pipeline for the CPU plus :class:`passes.schedule_layout.ScheduleLayoutKernels`)."""
+        so that *every* PrimFunc gets thread bindings; CPU: TVM's default pipeline for the CPU plus
+        :class:`passes.schedule_layout.ScheduleLayoutKernels`, and :func:`passes.parallel_fallback.ParallelFallback`
+        for what no record scheduled (all of it without a database)."""
         from compiler.tuning.database import open_database
 
         spec = self.spec
@@ -142,7 +152,7 @@ class Pipeline:
         db = open_database(database) if database is not None else None
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
         tuned = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if db is not None else []
-        schedule = [_gpu_rules()] if spec.kind == "cuda" else []
+        schedule = [_gpu_rules()] if spec.kind == "cuda" else [_cpu_fallback()]
 
         @tvm.transform.module_pass(opt_level=0, name=f"targets.pipeline.{spec.name}")
         def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -120,3 +120,20 @@ def test_the_build_summary_and_manifest_say_what_the_library_scheduled():
         "kernel library tuning_logs/host/kernels-int8-b1 had nothing to add)")
     none = database.manifest_entry({"path": None, "note": "untuned: no tuning log"}, None, None)
     assert none["library"] is None and none["tasks_applied"] == 0
+
+
+def test_the_untuned_summary_gives_a_tune_command_that_runs():
+    """Regression: an untrained model (no checkpoint) was told to run `tune ... --checkpoint None`."""
+    from compiler.build_cli import tuning_line
+    from compiler.tuning import database
+
+    untuned = database.manifest_entry({"path": None, "note": "untuned: no tuning log"}, None, None)
+    m = {"tuning": untuned, "target": {"name": "host", "kind": "cpu", "cross_compiled": False}, "model": "resnet20",
+         "precision": "fp32", "input": {"shape": [1, 3, 32, 32]},
+         "checkpoint": {"path": None, "shipped": False}}
+    line = tuning_line(m)
+    assert line.startswith("UNTUNED: untuned: no tuning log.") and "None" not in line, line
+    assert line.endswith("Fix: python -m compiler tune --target host --model resnet20 --precision fp32 --batch 1 "
+                         "--trials 1000, then build again"), line
+    m["checkpoint"], m["precision"] = {"path": "ck.pt", "shipped": False}, "int8"
+    assert "--model resnet20 --checkpoint ck.pt --data DIR --precision int8" in tuning_line(m)
