@@ -12,6 +12,7 @@ elementwise kernel takes on one core.
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -62,6 +63,12 @@ class ParallelSpatial(dl.ScheduleRule):
         return sch if changed else None
 
 
-def ParallelFallback():  # noqa: N802 - a pass, named like one
-    """DLight's ApplyDefaultSchedule with :class:`ParallelSpatial`: run under a CPU target (``with target:``)."""
-    return dl.ApplyDefaultSchedule(ParallelSpatial())
+@tvm.transform.module_pass(opt_level=0, name="ParallelFallback")
+class ParallelFallback:
+    """DLight's ApplyDefaultSchedule with :class:`ParallelSpatial`: run under a CPU target (``with target:``).
+    ApplyDefaultSchedule writes the scheduled functions into the module it is given; this pass gives it a copy, so
+    the caller's module is left as it was."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        fresh = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+        return dl.ApplyDefaultSchedule(ParallelSpatial())(fresh)
