@@ -14,18 +14,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from passes.patterns import const as _const, is_const as _is_const, op_name as _op_name
+from passes.patterns import const as _const, is_const as _is_const, op_name as _op_name, static_shape
 
 __all__ = ["FoldConstantLayout"]
-
-
-def _static_shape(expr) -> tuple | None:
-    if not isinstance(expr, relax.ShapeExpr):
-        return None
-    try:
-        return tuple(int(v) for v in expr.values)
-    except (TypeError, ValueError):
-        return None
 
 
 def fold(call) -> relax.Expr | None:
@@ -35,7 +26,7 @@ def fold(call) -> relax.Expr | None:
         return None
     data = call.args[0].value.numpy()
     if name == "relax.reshape":
-        shape = _static_shape(call.args[1])
+        shape = static_shape(call.args[1])
         if shape is None or int(np.prod(shape)) != data.size:
             return None
         return _const(data.reshape(shape))

@@ -36,7 +36,7 @@ from tvm.relax.expr_functor import mutator
 
 from passes import reports, vnni
 from passes.binding_mutator import BindingMutator
-from passes.patterns import const as _const, dtype as _dtype, is_const as _is_const, op_name as _op_name
+from passes.patterns import const as _const, dtype as _dtype, is_const as _is_const, op_name as _op_name, static_shape
 
 __all__ = ["Int8Layout", "layout_name"]
 
@@ -44,12 +44,7 @@ _PACKED_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.maximum",
 
 
 def _static_shape(ty) -> tuple | None:
-    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    try:
-        return tuple(int(v) for v in ty.shape.values)
-    except (TypeError, ValueError):
-        return None
+    return static_shape(ty.shape) if isinstance(ty, relax.TensorType) else None
 
 
 def layout_name(oc: int, isa: str = "vnni") -> str:

@@ -1,4 +1,5 @@
-"""Pattern helpers shared by the rewriting passes: what a Relax binding's value is (op name, constant, dtype)."""
+"""Pattern helpers shared by the rewriting passes: what a Relax binding's value is (op name, constant, dtype,
+static shape)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def dtype(expr) -> str | None:
     """The dtype of a tensor-typed expression; None where it is not a tensor."""
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def static_shape(shape) -> tuple | None:
+    """The dimensions of a ``relax.ShapeExpr`` as ints; None for anything else or a symbolic dimension."""
+    if not isinstance(shape, relax.ShapeExpr):
+        return None
+    try:
+        return tuple(int(v) for v in shape.values)
+    except (TypeError, ValueError):
+        return None
 
 
 def const(arr: np.ndarray):
