@@ -433,9 +433,20 @@ def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_i
     assert database.tune_dir(host, primary) == own  # the next tune continues it
     db, info = database.find_database(host, "resnet8", variant, root=root)
     assert info["path"] == str(own) and info["match"] == "exact"
-    # a database of another class never takes the free name's place: check_meta refuses it as before
+    # a database of another class in the free name (the kernel library's folder has no layout hash, so an AVX2
+    # library and a VNNI one share it): this CPU tunes into its own sibling, and build skips the foreign one
     foreign = LOWER_OR_HIGHER[cls]
     shutil.rmtree(own)
     shutil.rmtree(primary)
     _fake_log(primary, dataclasses.replace(host, device=dict(host.device, mcpu=foreign)), "resnet8", variant)
+    assert database.tune_dir(host, primary) == own
+    db, info = database.find_database(host, "resnet8", variant, root=root)
+    assert db is None and "ISA class" in info["note"]  # the other class's records are not applied
+    _fake_log(own, host, "resnet8", variant)
+    db, info = database.find_database(host, "resnet8", variant, root=root)
+    assert info["path"] == str(own) and info["match"] == "exact"
+    # a database of another target altogether still keeps the name: check_meta refuses it with its reason
+    shutil.rmtree(own)
+    shutil.rmtree(primary)
+    _fake_log(primary, targets.get("jetson-tx2"), "resnet8", variant)
     assert database.tune_dir(host, primary) == primary

@@ -518,17 +518,27 @@ def best_dir(dirs, spec, accept=None):
 def tune_dir(spec, primary: Path) -> Path:
     """Where ``tune`` writes by default: ``primary`` (``tuning_logs/<target>/<model>-<variant>``) when it is free
     or was tuned on this CPU, a sibling ``<primary>@<mcpu>`` already tuned on this CPU, else a new one when
-    ``primary`` holds another CPU's measurements (records of two CPUs in one database would be ranked by timings
-    from different machines)."""
+    ``primary`` holds another CPU's measurements, of this CPU's x86 class or of another (records of two CPUs in
+    one database would be ranked by timings from different machines; a folder name without a layout hash, such
+    as the kernel library's ``kernels-int8-b1``, is shared by the classes, whose lookup keeps them apart)."""
     metas = {d: read_meta(d) for d in [primary, *_cpu_siblings(primary)]}  # None where there is none
     for d, meta in metas.items():
         if meta is not None and target_match(meta, spec)[0] == "exact":
             return d
     meta = metas[primary]
     mcpu = spec.target_json().get("mcpu")
-    if meta is None or not mcpu or target_match(meta, spec)[1] is not None:
+    if meta is None or not mcpu or not _other_cpu(meta, spec):
         return primary  # free, or another target / model altogether: check_meta says why
     return primary.parent / f"{primary.name}@{_safe(mcpu, 'CPU')}"
+
+
+def _other_cpu(meta: dict, spec) -> bool:
+    """Whether ``meta`` was tuned for this very target on another CPU: same target name and TVM target but for
+    its ``-mcpu`` (of this CPU's class or not)."""
+    got = meta.get("target", {})
+    theirs, ours = _norm_target(got.get("tvm", {})), _norm_target(spec.target_json())
+    return (str(got.get("name")) == spec.name and ours.get("kind") == "llvm" and "mtriple" not in ours
+            and {k: v for k, v in theirs.items() if k != "mcpu"} == {k: v for k, v in ours.items() if k != "mcpu"})
 
 
 def target_mismatch(meta: dict, spec) -> str | None:
