@@ -12,12 +12,73 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
+LOG_LINE_SECONDS = 30.0  # without a terminal (a log file, CI), progress is a plain line this often
+
+
 def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr; when stderr is no terminal, a plain line every :data:`LOG_LINE_SECONDS` instead (a
+    long step, such as compiling or tuning a model, shows it is alive in a log file too). ``disable=True``: none."""
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
-    kwargs.setdefault("disable", None)  # no bar when stderr is not a terminal
+    kwargs.setdefault("disable", None)
+    if kwargs["disable"] is None and not _is_terminal(kwargs["file"]):
+        return LogLines(iterable, **kwargs)
     return tqdm(iterable, **kwargs)
+
+
+def _write_lines(bar_ref, stopped, every: float) -> None:
+    while not stopped.wait(every):
+        bar = bar_ref()
+        if bar is None:
+            return
+        bar.write_line()
+        del bar
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class LogLines(tqdm):
+    """Progress for a log file: ``desc: n/total units [elapsed<remaining], postfix`` on a line of its own every
+    :data:`LOG_LINE_SECONDS`, written by a timer thread (so a single step that takes minutes still shows), never
+    the carriage-return redraws of a bar."""
+
+    def __init__(self, iterable=None, **kwargs):
+        import threading
+        import weakref
+
+        self._every = LOG_LINE_SECONDS
+        self._stopped = threading.Event()
+        kwargs.update(disable=False, leave=False, mininterval=self._every, dynamic_ncols=False,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s [{elapsed}<{remaining}]{postfix}")
+        super().__init__(iterable, **kwargs)
+        # the thread holds the bar weakly: a bar an exception left unclosed is collected (tqdm closes it then)
+        # instead of writing lines for the rest of the process
+        threading.Thread(target=_write_lines, args=(weakref.ref(self), self._stopped, self._every),
+                         name="progress-lines", daemon=True).start()
+
+    def write_line(self) -> None:
+        with self.get_lock():
+            self.fp.write(self.__str__() + "\n")
+            self.fp.flush()
+
+    def display(self, msg=None, pos=None):  # no redraws: the timer writes the lines
+        return msg != ""  # False for close's "clear the bar", which would then write a carriage return
+
+    def close(self) -> None:
+        if hasattr(self, "_stopped"):
+            self._stopped.set()
+        super().close()
+
+
+def line(message: str) -> None:
+    """A line on stdout that does not tear an active progress bar (tqdm.write)."""
+    tqdm.write(message, file=sys.stdout)
 
 
 def warn(message: str) -> None:

@@ -179,7 +179,7 @@ class _Loop:
             "seconds": round(seconds, 1),
             "train_state": {"epoch": epoch + 1, "epochs": cfg.epochs, "optimizer": self.opt.state_dict()},
         }
-        console.progress().write(
+        console.line(
             f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}"
             + (f", top-1 {acc:.2f}%" if acc is not None else "") + f", {seconds:.0f} s"
         )

@@ -395,3 +395,64 @@ def test_tracker_hint_works_for_ports_above_9199():
     cmd = re.search(r"`(python -m tvm\.exec\.rpc_tracker [^`]*)`", str(e.value)).group(1).split()
     start, end = int(cmd[cmd.index("--port") + 1]), int(cmd[cmd.index("--port-end") + 1])
     assert start == port and end > port  # the tracker binds the first free port in [port, port-end)
+
+
+def test_progress_without_a_terminal_writes_a_plain_line_now_and_then(monkeypatch):
+    """Long work shows progress in a log file too: no terminal -> a line of its own every LOG_LINE_SECONDS, also
+    while one step runs for minutes (compare's TVM builds at batch 64 ran 36 min without a word), no redraws, and
+    nothing after close."""
+    import io
+    import time
+
+    from compiler import console
+
+    monkeypatch.setattr(console, "LOG_LINE_SECONDS", 0.05)
+    log = io.StringIO()
+    bar = console.progress(total=6, desc="compare", unit="step", file=log)
+    bar.set_postfix_str("tvm")
+    time.sleep(0.4)  # a long step: nothing calls update
+    bar.update()
+    bar.close()
+    text = log.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) >= 3, text
+    assert all(line.startswith("compare: ") and " steps [" in line and line.endswith(", tvm") for line in lines)
+    assert lines[0].startswith("compare: 0/6 steps [")
+    time.sleep(0.2)
+    assert log.getvalue() == text  # closed: silent
+    assert list(console.progress(range(3), desc="x", file=io.StringIO())) == [0, 1, 2]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert not isinstance(console.progress(total=1, file=Terminal()), console.LogLines)  # a terminal: tqdm's bar
+    assert console.progress(total=1, file=io.StringIO(), disable=True).disable  # asked for none: none
+
+
+def test_an_unclosed_progress_stops_writing_once_dropped(monkeypatch):
+    """A bar an exception left unclosed (a build that failed midway, caught by a library user) goes quiet when it
+    is dropped: its line thread holds it weakly."""
+    import gc
+    import io
+    import time
+
+    from compiler import console
+
+    monkeypatch.setattr(console, "LOG_LINE_SECONDS", 0.05)
+    log = io.StringIO()
+
+    def fails_midway():
+        bar = console.progress(total=5, desc="build", unit="step", file=log)
+        bar.update()
+        time.sleep(0.2)
+        raise RuntimeError("midway")
+
+    with pytest.raises(RuntimeError):
+        fails_midway()
+    gc.collect()
+    written = log.getvalue()
+    assert written.startswith("build: 1/5 steps [")
+    time.sleep(0.3)
+    assert log.getvalue() == written

@@ -126,7 +126,6 @@ class _Progress:
                                     disable=None if show else True)
         self.on_update = on_update
         self._last_save = 0.0
-        self._last_line = time.monotonic()
         self.stop_requested = False
         self.servers_alive = None  # RPC: a callable, False when no server is registered under the key any more
         self.server_lost = None  # then: what happened, in words
@@ -151,11 +150,8 @@ class _Progress:
         best = self.best[task_id]
         status = (f"task {task_id + 1}/{len(self.names)} {self.names[task_id]}: "
                   + (f"best {best * 1e3:.4g} ms" if best is not None else "no valid run yet"))
-        self.bar.set_postfix_str(status)
+        self.bar.set_postfix_str(status, refresh=False)  # without a terminal, console writes a line now and then
         now = time.monotonic()
-        if self.bar.disable and now - self._last_line > 30.0:  # no terminal (a log file): a line now and then
-            self._last_line = now
-            print(f"tune: {sum(self.trials)}/{self.bar.total} trials, {status}", file=sys.stderr, flush=True)
         if now - self._last_save > 5.0:
             self._last_save = now
             self.on_update()
