@@ -451,8 +451,7 @@ def target_match(meta: dict, spec) -> tuple[str | None, str | None]:
         return "exact", None
     why = (f"it was tuned for {spec.name} as {_describe(got.get('tvm', {}))}, but {spec.name} here is "
            f"{_describe(spec.target_json())}")
-    if ({k: v for k, v in theirs.items() if k != "mcpu"} != {k: v for k, v in ours.items() if k != "mcpu"}
-            or ours.get("kind") != "llvm" or "mtriple" in ours):
+    if not _other_cpu(meta, spec):
         return None, why
     cls_theirs, cls_ours = _x86_class(name, theirs), _x86_class(spec.name, ours)
     if cls_ours is None or cls_theirs != cls_ours:
