@@ -1,12 +1,12 @@
 """The kernel library on a pruned ResNet that no one tuned: kernels covered and latency, against untuned
 schedules and a tuning run dedicated to that model (issue 18: within 25 % of the dedicated run).
 
-    python benchmarks/kernel_library.py [--depth 32] [--flops-reduction 0.4] [--trials 800] [--json OUT]
+    python benchmarks/kernel_library.py [--depth 32] [--flops-reduction 0.4] [--batch 1] [--trials 800] [--json OUT]
 
 The model: a CIFAR ResNet of ``--depth`` with random weights, pruned one-shot by the project's pruner (l1,
 global allocation, widths rounded to 8) to ``--flops-reduction``: shapes no committed database was tuned for.
 It is lowered as ``build`` lowers it (int8, ``host``), compiled three ways - no database, the committed kernel
-library ``build`` finds (``tuning_logs/<target>/kernels-<precision>-b1``), and a database tuned for this very
+library ``build`` finds (``tuning_logs/<target>/kernels-<precision>-b<batch>``), and a database tuned for this very
 model with ``--trials`` trials (a temporary folder) - and each is timed at 1 and 2 threads, interleaved over
 ``--rounds`` rounds (median).
 """
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--flops-reduction", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="int8")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--target", default="host")
     p.add_argument("--trials", type=int, default=800, help="trials of the dedicated tuning run (0: --dedicated "
                                                             "holds it already)")
@@ -65,8 +66,8 @@ def main(argv=None) -> int:
     spec = targets.get(args.target)
     model, widths, cut = pruned_model(args.depth, args.flops_reduction, args.seed)
     print(f"resnet{args.depth}, l1 one-shot {100 * cut:.1f} % MACs cut, inner widths {widths}", flush=True)
-    low = lower(model, 1, args.precision, spec, untrained=True, calib_images=64)
-    library, lib_info = tuning_db.find_library(spec, args.precision, 1)
+    low = lower(model, args.batch, args.precision, spec, untrained=True, calib_images=64)
+    library, lib_info = tuning_db.find_library(spec, args.precision, args.batch)
     if library is None:
         print(f"error: no kernel library for {spec.name} {args.precision}: {lib_info['note']}", file=sys.stderr)
         return 2
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dedicated-") as tmp:
         folder = Path(args.dedicated) if args.dedicated else Path(tmp) / "db"
         if args.trials > 0:
-            tune_module(low.module, spec, f"resnet{args.depth}", args.precision, 1, args.trials, directory=folder,
-                        show_progress=True)
+            tune_module(low.module, spec, f"resnet{args.depth}", args.precision, args.batch, args.trials,
+                        directory=folder, show_progress=True)
         meta = tuning_db.read_meta(folder)
         dedicated = tuning_db.open_database(folder)
         builds = {"untuned": targets.compile_module(low.module, spec, database=None),
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     times: dict[str, dict[int, list[float]]] = {k: {} for k in builds}
     for _ in range(args.rounds):
         for name, exe in builds.items():
-            for n, row in measure_threads(exe, 1)["measured_ms"].items():
+            for n, row in measure_threads(exe, args.batch)["measured_ms"].items():
                 times[name].setdefault(int(n), []).append(float(row))
     rows = []
     for name, by_n in times.items():
@@ -99,9 +100,9 @@ def main(argv=None) -> int:
     for r in rows:
         r["vs dedicated"] = f"{r['best ms'] / ded:.2f}x"
     print(console.table(rows, list(rows[0]), title=f"resnet{args.depth} pruned {100 * cut:.1f} %, {args.precision}, "
-                                                    f"batch 1, {console.cpu_name()}"))
+                                                    f"batch {args.batch}, {console.cpu_name()}"))
     result = {"model": f"resnet{args.depth}", "flops_reduction": round(cut, 4), "widths": widths,
-              "precision": args.precision, "target": spec.name, "cpu": console.cpu_name(),
+              "precision": args.precision, "batch": args.batch, "target": spec.name, "cpu": console.cpu_name(),
               "library": {"path": lib_info["path"], "applied": covered["applied"], "tasks": covered["tasks"],
                           "missing": covered["missing"]},
               "dedicated": {"trials": meta["trials"], "seconds": meta["seconds"], "applied": ded_cov["applied"],

@@ -71,18 +71,22 @@ def test_random_pruned_model_is_a_model_prune_could_have_made():
     assert len(set(widths)) > 3  # not a uniform model
 
 
-def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tuned():
+@pytest.mark.parametrize("target_name,folder", [("x86-64-v3", "kernels-int8-b1"),
+                                                ("x86-64-v4-vnni", "kernels-int8-b1@znver5")])
+def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tuned(target_name, folder):
     """A ResNet20 (not a depth the library networks have) pruned to random allowed widths: no database was tuned
-    for it, and the committed x86-64-v3 int8 library schedules every one of its conv2d kernels (the coverage check
-    runs the build's own legalize passes). The one kernel it may lack is the classifier's quantize, whose scale is
+    for it, and the committed int8 library of the class (AVX2 `vpmaddubsw` layout, AVX-512 VNNI `vpdpbusd` layout)
+    schedules every one of its conv2d kernels (the coverage check runs the build's own legalize passes; it compiles
+    nothing, so it runs on any x86 CPU). The one kernel it may lack is the classifier's quantize, whose scale is
     inlined into the kernel (it differs with every calibration)."""
     import targets
     from compiler.build import lower
     from compiler.tuning import database
 
-    spec = targets.get("x86-64-v3")
+    spec = targets.get(target_name)
     db, info = database.find_library(spec, "int8", 1)
     assert db is not None, info["note"]
+    assert info["path"].endswith(f"tuning_logs/host/{folder}"), info  # the class's own library, by class
     model, widths = _tl().random_pruned_model(20, seed=7)
     low = lower(model, 1, "int8", spec, calib_images=8, untrained=True)
     own, own_info = database.find_database(spec, "resnet20", database.variant_of(low.module, "int8"))
