@@ -334,6 +334,78 @@ def test_a_reader_gets_each_workloads_best_record_as_the_json_database_ranks_the
         assert [float(v) for v in top.run_secs] == [float(v) for v in record.run_secs]
 
 
+def _record_lines(directory: Path) -> list[bytes]:
+    return (directory / database.RECORD_FILE).read_bytes().splitlines()
+
+
+def test_keep_best_trims_each_kernel_to_its_best_records_and_build_applies_the_same(tmp_path):
+    """tune --keep-best N (database.keep_best) on a committed database of real measurements (1,216 records of 16
+    kernels): each kernel keeps its N fastest valid records, in their original order; what build applies (each
+    kernel's best) is unchanged; a second trim changes nothing."""
+    directory = tmp_path / "db"
+    shutil.copytree(database.DEFAULT_ROOT / "host" / "resnet56-int8-810cd591@znver1", directory,
+                    ignore=shutil.ignore_patterns("logs", ".lock"))
+    before = _record_lines(directory)
+    best_before = [str(r.trace) for r in database.open_database(directory).get_all_tuning_records()]
+    valid: dict[int, list[float]] = {}
+    for line in before:
+        idx, record = json.loads(line)
+        secs = [float(v) for v in record[1] or []]
+        if secs and not all(v == database.FAILED_SECS for v in secs):
+            valid.setdefault(idx, []).append(sum(secs) / len(secs))
+
+    kept = database.keep_best(directory, 3)
+
+    after = _record_lines(directory)
+    assert kept == {"keep_best": 3, "records_before": len(before), "records_after": len(after)}
+    assert len(after) == sum(min(3, len(v)) for v in valid.values()) < len(before)
+    positions = [before.index(line) for line in after]
+    assert positions == sorted(positions)  # a subsequence of the original file
+    for idx, means in valid.items():
+        mine = sorted(sum(map(float, r[1])) / len(r[1]) for i, r in map(json.loads, after) if i == idx)
+        assert mine == sorted(means)[:3], idx
+    assert [str(r.trace) for r in database.open_database(directory).get_all_tuning_records()] == best_before
+    assert database.keep_best(directory, 3)["records_after"] == len(after) and _record_lines(directory) == after
+    with pytest.raises(UserError, match="at least 1"):
+        database.keep_best(directory, 0)
+
+
+def test_tune_keep_best_with_no_trials_only_trims(tuned, resnet8, tmp_path, capsys):
+    """--trials 0 --keep-best N trims a database without measuring (meta.json still counts every trial measured);
+    --trials 0 alone, or on a folder with no database, is refused with one line."""
+    directory = tmp_path / "host" / "resnet8-db"
+    shutil.copytree(tuned["log_dir"], directory, ignore=shutil.ignore_patterns("logs", ".lock"))
+    lines = _record_lines(directory)
+    slower = []
+    for line in lines:  # the same schedules measured again, twice as slow: what trimming must drop
+        idx, record = json.loads(line)
+        if record[1]:
+            record[1] = [2 * float(v) for v in record[1]]
+            slower.append(json.dumps([idx, record]).encode())
+    (directory / database.RECORD_FILE).write_bytes(b"".join(x + b"\n" for x in lines + slower))
+    measured = json.loads((directory / database.META_FILE).read_text())["trials"]
+    args = ["tune", "--target", "host", "--checkpoint", str(resnet8[1]), "--precision", "fp32",
+            "--log-dir", str(directory)]
+
+    rc = cli.main([*args, "--trials", "0", "--keep-best", "1", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    tasks = database.summarize(directory)["tasks_in_db"]
+    assert result["trials"] == 0 and result["kept"]["records_before"] == len(lines) + len(slower)
+    assert result["kept"]["records_after"] == len(_record_lines(directory)) == tasks == tuned["tasks_in_db"]
+    assert "kept the best 1 records of each kernel" in out
+    meta = json.loads((directory / database.META_FILE).read_text())
+    assert meta["trials"] == measured and meta["keep_best"] == 1 and meta["sessions"][-1]["trials"] == 0
+
+    assert cli.main([*args, "--trials", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--keep-best" in err[0]
+    empty = [a if a != str(directory) else str(tmp_path / "host" / "none") for a in args]
+    assert cli.main([*empty, "--trials", "0", "--keep-best", "1"]) == 2
+    assert "nothing to trim" in capsys.readouterr().err
+
+
 def test_torn_last_line_is_repaired(tuned, tmp_path):
     src = Path(tuned["log_dir"])
     directory = tmp_path / "copy"

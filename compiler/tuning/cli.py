@@ -41,6 +41,10 @@ def configure(p) -> None:
                    help="candidates the evolutionary search evolves per round (default 512, MetaSchedule's; "
                         "smaller rounds are faster on a slow or busy machine and find less)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the search")
+    p.add_argument("--keep-best", type=int, default=None, metavar="N",
+                   help="after the session, keep only each kernel's N best records (what build applies does not "
+                        "change; a continued tune seeds its search from them): a database small enough to "
+                        "commit. With --trials 0 it only trims")
     from compiler.build_cli import add_quantization_args
 
     add_quantization_args(p)  # int8: the same calibration options as build, so the same module is tuned
@@ -54,7 +58,7 @@ def settings_from(args) -> TuneSettings:
                         data=args.data, quant=quant_from(args), log_dir=args.log_dir, tracker=args.tracker,
                         key=args.key, timeout=args.timeout, trials_per_iter=args.trials_per_iter,
                         num_cores=args.num_cores, population=args.population, seed=args.seed,
-                        library=args.library)
+                        library=args.library, keep_best=args.keep_best)
 
 
 def run(args) -> dict:
@@ -75,6 +79,8 @@ def run(args) -> dict:
     out = {k: result[k] for k in ("log_dir", "variant", "trials", "seconds", "target", "model", "precision",
                                   "trials_total", "tasks_in_db")}
     out["tasks"] = len(result["tasks"])
+    if result.get("kept"):
+        out["kept"] = result["kept"]
     if result.get("timing_note"):
         out["timing_note"] = result["timing_note"]
         print(f"note: measured on an {result['timing_note']}")
@@ -118,3 +124,7 @@ def render(result: dict) -> None:
     print(f"{result['trials']} trials in {result['seconds']:.0f} s; the database now holds "
           f"{result['trials_total']} records for {result['tasks_in_db']} of {len(result['tasks'])} tasks "
           f"({result['seconds_total']:.0f} s of tuning in all): {result['log_dir']}")
+    kept = result.get("kept")
+    if kept:
+        print(f"kept the best {kept['keep_best']} records of each kernel: {kept['records_after']} of "
+              f"{kept['records_before']} records")

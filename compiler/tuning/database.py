@@ -233,6 +233,38 @@ def repair(directory: str | os.PathLike, dry_run: bool = False) -> dict:
     return total
 
 
+def _mean_secs(raw: bytes) -> float | None:
+    """A record line's mean run time (s); None when it failed (no run, or every run at FAILED_SECS)."""
+    _idx, record = json.loads(raw)
+    secs = [float(v) for v in record[1]] if record[1] else []
+    if not secs or all(v == FAILED_SECS for v in secs):
+        return None
+    return sum(secs) / len(secs)
+
+
+def keep_best(directory: str | os.PathLike, n: int) -> dict:
+    """Keep only each workload's ``n`` best measured records (by mean run time, the earliest of equals: the
+    order MetaSchedule's JSONDatabase ranks them in) and drop failed ones, in their original order; the
+    workload file is left as it is (records point into it by line). What build applies (each workload's best)
+    does not change; a continued ``tune`` seeds its search from the records kept. Atomic rewrite, only when
+    something goes. Call it holding the folder's lock (``tune --keep-best``). Returns ``{"keep_best",
+    "records_before", "records_after"}``."""
+    if n < 1:
+        raise UserError(f"keep-best must be at least 1, not {n}")
+    directory = Path(directory)
+    workloads, _ = _clean_lines(directory / WORKLOAD_FILE, None)
+    records, _ = _clean_lines(directory / RECORD_FILE, len(workloads))
+    ranked: dict[int, list[tuple[float, int]]] = {}
+    for pos, raw in enumerate(records):
+        mean = _mean_secs(raw)
+        if mean is not None:
+            ranked.setdefault(json.loads(raw)[0], []).append((mean, pos))
+    kept = sorted(pos for entries in ranked.values() for _mean, pos in sorted(entries)[:n])
+    if len(kept) < len(records):
+        fileio.write_bytes(directory / RECORD_FILE, b"".join(records[pos] + b"\n" for pos in kept))
+    return {"keep_best": n, "records_before": len(records), "records_after": len(kept)}
+
+
 def summarize(directory: str | os.PathLike) -> dict:
     """Counts straight from the files: workloads, records (= trials measured), valid records, and
     ``tasks_in_db``: workloads with at least one valid record (what build can apply)."""
@@ -302,11 +334,10 @@ def best_records(directory: str | os.PathLike):
     records, _ = _clean_lines(directory / RECORD_FILE, len(workloads))
     best: dict[int, tuple[float, list]] = {}
     for raw in records:
-        idx, record = json.loads(raw)
-        secs = [float(v) for v in record[1]] if record[1] else []
-        if not secs or all(v == FAILED_SECS for v in secs):
+        mean = _mean_secs(raw)
+        if mean is None:
             continue
-        mean = sum(secs) / len(secs)
+        idx, record = json.loads(raw)
         if idx not in best or mean < best[idx][0]:
             best[idx] = (mean, record)
     db = ms.database.MemoryDatabase()

@@ -165,4 +165,5 @@ def tune_library(settings, *, progress: bool = True) -> dict:
     return tune_module(lowered.module, spec, LIBRARY_MODEL, prec, settings.batch, settings.trials,
                        directory=directory, tracker=settings.tracker, key=settings.key, timeout=settings.timeout,
                        trials_per_iter=settings.trials_per_iter, num_cores=settings.num_cores, seed=settings.seed,
-                       population=settings.population, show_progress=progress, shapes=describe(plans))
+                       population=settings.population, keep_best=settings.keep_best, show_progress=progress,
+                       shapes=describe(plans))

@@ -51,11 +51,14 @@ class TuneSettings:
     population: int | None = None
     seed: int | None = None
     library: bool = False  # tune the kernel library (compiler.tuning.library) instead of a model
+    keep_best: int | None = None  # then keep only each kernel's best N records (database.keep_best)
 
     def __post_init__(self):
         BuildSettings(target=self.target, precision=self.precision, batch=self.batch)  # the same checks
-        if self.trials <= 0:
-            raise SettingError("trials", "must be positive")
+        if self.keep_best is not None and self.keep_best < 1:
+            raise SettingError("keep_best", "must be at least 1")
+        if self.trials < 0 or self.trials == 0 and self.keep_best is None:
+            raise SettingError("trials", "must be positive (0 only with --keep-best: trim without measuring)")
         if (self.tracker is None) != (self.key is None):
             raise SettingError("tracker", "and key go together")
 
@@ -82,7 +85,7 @@ def tune(ckpt, settings: TuneSettings, *, untrained_note: str | None = None, pro
                        directory=settings.log_dir, tracker=settings.tracker, key=settings.key,
                        timeout=settings.timeout, trials_per_iter=settings.trials_per_iter,
                        num_cores=settings.num_cores, seed=settings.seed, population=settings.population,
-                       show_progress=progress)
+                       keep_best=settings.keep_best, show_progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,9 +246,12 @@ def _lock(directory: Path):
 def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, *, directory=None, root=None,
                 tracker: str | None = None, key: str | None = None, timeout: float = 30.0,
                 trials_per_iter: int | None = None, num_cores: int | None = None, seed: int | None = None,
-                population: int | None = None, show_progress: bool = True, shapes=None) -> dict:
+                population: int | None = None, keep_best: int | None = None, show_progress: bool = True,
+                shapes=None) -> dict:
     """Tune ``mod`` (the module build compiles: ``compiler.build.lower(...).module``) for ``spec``. ``shapes``:
-    what meta.json records as the module's shapes (default: every conv2d / matmul signature).
+    what meta.json records as the module's shapes (default: every conv2d / matmul signature). ``keep_best``:
+    after the session (``trials`` may then be 0: trim only), keep each kernel's best N records
+    (:func:`database.keep_best`; meta.json's ``trials`` still counts every trial measured).
 
     Returns ``log_dir``, ``variant``, ``tasks`` (per-task rows: name, weight, trials and errors of this session,
     best_ms over the whole database), ``trials`` (this session), ``trials_total`` (records in the database),
@@ -253,6 +259,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     """
     from targets.pipeline import pipeline
 
+    if trials < 0 or trials == 0 and keep_best is None:
+        raise SettingError("trials", "must be positive (0 only with --keep-best: trim without measuring)")
     measure = _measurement(spec, trials, population, tracker, key, timeout)
     variant = database.variant_of(mod, prec)
     directory = (Path(directory) if directory is not None
@@ -262,6 +270,8 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
     if tracker is None:  # measure at the thread count the target is tuned for (its parallel loops split that way)
         measure.threads = threads.for_measurement(int(target.attrs.get("num-cores", 1)))
     meta = _existing_meta(directory, spec, model_name, variant)
+    if trials == 0 and meta is None:
+        raise UserError(f"nothing to trim: {directory} holds no tuning database of this module")
     passes = pipeline(spec, prec)  # the passes build runs: the kernels tuned are the kernels built
     extracted = _extract_tasks(passes.legalize(target)(mod), target)
 
@@ -281,7 +291,15 @@ def tune_module(mod, spec, model_name: str, prec: str, batch: int, trials: int, 
             progress.servers_alive = functools.partial(tracker_mod.servers_alive, tracker, key)
         journal.save()
         per_iter = trials_per_iter or max(1, min(MAX_TRIALS_PER_ITER, trials // max(1, len(contexts))))
-        _run_tasks(contexts, weights, db, directory, trials, per_iter, spec, measure, progress, journal)
+        if trials > 0:
+            _run_tasks(contexts, weights, db, directory, trials, per_iter, spec, measure, progress, journal)
+        else:
+            progress.close()
+        if keep_best is not None:
+            kept = database.keep_best(directory, keep_best)
+            meta["keep_best"] = keep_best
+            journal.session["kept"] = kept
+            journal.save(completed=True)
 
     rows = _task_rows(contexts, weights, db, progress)
     return _result(rows, directory, variant, spec, model_name, prec, progress, meta, journal.session, t0)
@@ -320,18 +338,17 @@ class _Measurement:
 
 def _measurement(spec, trials: int, population: int | None, tracker: str | None, key: str | None,
                  timeout: float) -> _Measurement:
-    """The settings checked and the RPC servers counted, before anything is lowered or written."""
-    if trials <= 0:
-        raise SettingError("trials", "must be positive")
+    """The settings checked and the RPC servers counted, before anything is lowered or written (``trials`` 0:
+    nothing will be measured, so no runner is needed)."""
     if population is not None and population < 2:
         raise SettingError("population", "must be at least 2")
     if (tracker is None) != (key is None):
         raise SettingError("tracker", "and key go together")
-    if tracker is None and not _runs_here(spec):
+    if trials > 0 and tracker is None and not _runs_here(spec):
         raise SettingError("tracker", f"is needed: {spec.name} code cannot run on this machine; measure it on the "
                                       "board through a TVM RPC tracker with its key (see tuning_logs/README.md)")
     measure = _Measurement(tracker, key, timeout)
-    if tracker is not None:
+    if tracker is not None and trials > 0:
         measure.servers = tracker_mod.check_tracker(tracker, key)
         measure.emulated = tracker_mod.emulated_server(tracker, key)
     if measure.emulated:
@@ -380,6 +397,7 @@ class _Journal:
         if "timing_note" in session:
             meta["timing_note"] = session["timing_note"]
         self.base_seconds = float(meta.get("seconds", 0.0))
+        self.base_trials = int(meta.get("trials", 0))  # measured before this session (records may have been trimmed)
         self.progress = None  # the session's _Progress, once there is one
 
     def save(self, completed: bool = False) -> None:
@@ -387,7 +405,8 @@ class _Journal:
         self.session["trials"] = sum(self.progress.trials)
         self.session["seconds"] = round(time.perf_counter() - self.t0, 1)
         self.session["completed"] = completed
-        self.meta["trials"] = counts["records"]
+        # every trial measured: the records, unless a session trimmed them (keep_best), then what meta counted
+        self.meta["trials"] = max(counts["records"], self.base_trials + self.session["trials"])
         self.meta["seconds"] = round(self.base_seconds + self.session["seconds"], 1)
         self.meta["tasks_in_db"] = counts["tasks_in_db"]
         self.meta["updated"] = database.utc_now()
@@ -476,6 +495,7 @@ def _result(rows, directory: Path, variant: str, spec, model_name: str, prec: st
         "seconds_total": meta["seconds"],
         "runner": session["runner"],
         "timing_note": session.get("timing_note"),
+        "kept": session.get("kept"),  # keep_best: records before and after the trim
     }
 
 
