@@ -71,9 +71,15 @@ def test_random_pruned_model_is_a_model_prune_could_have_made():
     assert len(set(widths)) > 3  # not a uniform model
 
 
-@pytest.mark.parametrize("target_name,folder", [("x86-64-v3", "kernels-int8-b1"),
-                                                ("x86-64-v4-vnni", "kernels-int8-b1@znver5")])
-def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tuned(target_name, folder):
+@pytest.mark.parametrize("target_name,precision,batch,folder", [
+    ("x86-64-v3", "int8", 1, "kernels-int8-b1"),
+    ("x86-64-v4-vnni", "int8", 1, "kernels-int8-b1@znver5"),
+    ("x86-64-v4-vnni", "int8", 64, "kernels-int8-b64"),
+    ("x86-64-v4-vnni", "fp32", 1, "kernels-fp32-b1"),
+    ("x86-64-v4-vnni", "fp32", 64, "kernels-fp32-b64"),
+])
+def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tuned(target_name, precision, batch,
+                                                                                    folder):
     """A ResNet20 (not a depth the library networks have) pruned to random allowed widths: no database was tuned
     for it, and the committed int8 library of the class (AVX2 `vpmaddubsw` layout, AVX-512 VNNI `vpdpbusd` layout)
     schedules every one of its conv2d kernels (the coverage check runs the build's own legalize passes; the class's
@@ -85,12 +91,12 @@ def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tun
     from compiler.tuning import database
 
     spec = targets.get(target_name)
-    db, info = database.find_library(spec, "int8", 1)
+    db, info = database.find_library(spec, precision, batch)
     assert db is not None, info["note"]
     assert info["path"].endswith(f"tuning_logs/host/{folder}"), info  # the class's own library, by class
     model, widths = _tl().random_pruned_model(20, seed=7)
-    low = lower(model, 1, "int8", spec, calib_images=8, untrained=True)
-    own, own_info = database.find_database(spec, "resnet20", database.variant_of(low.module, "int8"))
+    low = lower(model, batch, precision, spec, calib_images=8, untrained=True)
+    own, own_info = database.find_database(spec, "resnet20", database.variant_of(low.module, precision))
     assert own is None, own_info  # no one tuned these shapes
     from tvm.s_tir import meta_schedule as ms
 
@@ -98,7 +104,8 @@ def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tun
     applied = database.tasks_applied(low.module, spec, database.combine(none, db), first=none)
     assert applied["first_applied"] == 0, applied
     assert [m for m in applied["missing"] if "conv2d" in m] == [], (widths, applied)
-    assert applied["tasks"] - applied["applied"] <= 1 and applied["tasks"] >= 8, applied
+    assert applied["tasks"] - applied["applied"] <= (1 if precision == "int8" else 0), applied  # fp32: every kernel
+    assert applied["tasks"] >= 8, applied
 
 
 def test_the_build_summary_and_manifest_say_what_the_library_scheduled():
@@ -142,3 +149,14 @@ def test_the_untuned_summary_gives_a_tune_command_that_runs():
                          "--trials 1000, then build again"), line
     m["checkpoint"], m["precision"] = {"path": "ck.pt", "shipped": False}, "int8"
     assert "--model resnet20 --checkpoint ck.pt --data DIR --precision int8" in tuning_line(m)
+
+
+def test_no_library_note_gives_the_tune_command_for_that_batch(tmp_path):
+    import targets
+    from compiler.tuning import database
+
+    db, info = database.find_library(targets.get("host"), "int8", 8, root=tmp_path)
+    assert db is None and info["path"] is None
+    assert "`python -m compiler tune --library --target host --precision int8 --batch 8` makes one" in info["note"]
+    _, info1 = database.find_library(targets.get("host"), "fp32", 1, root=tmp_path)
+    assert "--precision fp32` makes one" in info1["note"]

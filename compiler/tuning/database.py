@@ -747,7 +747,8 @@ def find_library(spec, precision: str, batch: int, root: str | os.PathLike | Non
         return open_database(directory), info
     why = f"{shown(directory)}: {why}" if why else None
     info["note"] = (f"no kernel library for {spec.name} {precision} batch {batch}" + (f" ({why})" if why else "")
-                    + f": `python -m compiler tune --library --target {spec.name} --precision {precision}` makes one")
+                    + f": `python -m compiler tune --library --target {spec.name} --precision {precision}"
+                    + (f" --batch {int(batch)}" if int(batch) != 1 else "") + "` makes one")
     return None, info
 
 
