@@ -81,9 +81,9 @@ def test_random_pruned_model_is_a_model_prune_could_have_made():
 def test_the_committed_library_covers_every_conv2d_of_a_pruned_resnet_no_one_tuned(target_name, precision, batch,
                                                                                     folder):
     """A ResNet20 (not a depth the library networks have) pruned to random allowed widths: no database was tuned
-    for it, and the committed int8 library of the class (AVX2 `vpmaddubsw` layout, AVX-512 VNNI `vpdpbusd` layout)
-    schedules every one of its conv2d kernels (the coverage check runs the build's own legalize passes; the class's
-    kernels are never compiled or run - calibration runs on this CPU's own target - so it runs on any x86 CPU). The
+    for it, and each committed library of the class (int8 in the AVX2 `vpmaddubsw` or AVX-512 VNNI `vpdpbusd`
+    layout, fp32; batch 1 and 64) schedules every one of its conv2d kernels (the coverage check runs the build's
+    own legalize passes; the class's kernels are never compiled or run - calibration runs on this CPU's own target - so it runs on any x86 CPU). The
     one kernel it may lack is the classifier's quantize, whose scale is inlined into the kernel (it differs with
     every calibration)."""
     import targets
