@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="default: the shipped model")
     p.add_argument("--target", default="host")
     p.add_argument("--precision", default="int8")
+    p.add_argument("--batch", type=int, default=1, help="batch size the module is built for (default 1)")
     p.add_argument("--tuning-log", default=None, help="default: the database build would apply")
     p.add_argument("--data", default=None, help="CIFAR-10 folder for the int8 calibration (default: random images)")
     args = p.parse_args(argv)
@@ -48,10 +49,12 @@ def main(argv=None) -> int:
 
     ckpt = zoo.load(args.model, args.checkpoint, None, quiet=True)
     spec = targets.get(args.target)
-    lowered = lower(ckpt.model, 1, args.precision, spec, data_dir=args.data, normalize=ckpt.normalize,
+    lowered = lower(ckpt.model, args.batch, args.precision, spec, data_dir=args.data, normalize=ckpt.normalize,
                     untrained=args.data is None)
     variant = tuning_db.variant_of(lowered.module, args.precision)
     db, info = tuning_db.find_database(spec, ckpt.model_name, variant, explicit_dir=args.tuning_log)
+    library, library_info = tuning_db.find_library(spec, args.precision, args.batch)  # what build adds
+    db = tuning_db.combine(db, library)
     register_tensor_intrinsics()
     target = spec.tvm_target()
     with target:
@@ -82,10 +85,10 @@ def main(argv=None) -> int:
                      and "tirx.is_scheduled" in attrs else ("tuned" if "tirx.is_scheduled" in attrs else "default")})
     rows.sort(key=lambda r: -r["total_us_1"])
     print(console.table(rows, ["kernel", "calls", "us_1", "us_2", "total_us_1", "total_us_2", "scheduled"],
-                        title=f"{ckpt.model_name} {args.precision} for {spec.name} on {console.cpu_name()}; "
-                              f"database: {info.get('path') or 'none'}"))
+                        title=f"{ckpt.model_name} {args.precision} batch {args.batch} for {spec.name} on {console.cpu_name()}; "
+                              f"database: {info.get('path') or 'none'}, library: {library_info.get('path') or 'none'}"))
     print(f"sum of kernels: {sum(r['total_us_1'] for r in rows):.1f} us at 1 thread, "
-          f"{sum(r['total_us_2'] for r in rows):.1f} us at 2; {sum(r['calls'] for r in rows)} calls per image")
+          f"{sum(r['total_us_2'] for r in rows):.1f} us at 2; {sum(r['calls'] for r in rows)} calls per batch")
     return 0
 
 

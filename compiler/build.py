@@ -129,7 +129,8 @@ class Lowered:
 
 def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=None, normalize="cifar",
           calib_images: int = precision.DEFAULT_CALIB_IMAGES, calibration: str = precision.DEFAULT_CALIBRATION,
-          keep=precision.DEFAULT_KEEP, untrained: bool = False) -> Lowered:
+          keep=precision.DEFAULT_KEEP, untrained: bool = False, fuse_quantize: bool = True,
+          uint8_residual: bool = True) -> Lowered:
     """Import -> the graph passes of :func:`targets.pipeline.pipeline` for ``spec`` and ``prec``: BN folded, zeroed
     channels stripped, precision (int8: calibrated on training images). tune lowers with this function too."""
     from compiler import frontend
@@ -145,7 +146,8 @@ def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=
     kwargs, calib_desc = {}, None
     if precision.needs_calibration(prec):
         images, calib_desc = precision.calibration_images(data_dir, normalize, calib_images, allow_random=untrained)
-        kwargs = {"calib_images": images, "spec": spec, "method": calibration, "keep": keep}
+        kwargs = {"calib_images": images, "spec": spec, "method": calibration, "keep": keep,
+                  "fuse_quantize": fuse_quantize, "uint8_residual": uint8_residual}
         if batch < 64:  # calibrate on the same IR at a larger batch: far fewer runs of the untuned fp32 module
             kwargs["calib_mod"] = fp32(frontend.import_model(model, 64))
     module, quant_report = precision.apply_with_report(stripped, prec, **kwargs)

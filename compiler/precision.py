@@ -81,7 +81,7 @@ def calibration_images(data_dir, normalize: str, n: int = DEFAULT_CALIB_IMAGES, 
 def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.ndarray | None = None,
                       spec=None, method: str = DEFAULT_CALIBRATION, keep=DEFAULT_KEEP,
                       percentile: float | None = None, calib_mod: tvm.IRModule | None = None,
-                      ) -> tuple[tvm.IRModule, dict | None]:
+                      fuse_quantize: bool = True, uint8_residual: bool = True) -> tuple[tvm.IRModule, dict | None]:
     """``mod`` (fp32, stripped) in ``precision`` by the precision passes of :func:`targets.pipeline.pipeline`, and
     the quantization report (None for fp32 / fp16).
 
@@ -89,7 +89,9 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
     on this CPU; ``spec`` (the build target) chooses the activation signedness and the int8 layout (uint8 and
     packed on x86, int8 NCHW elsewhere); ``method`` one of :data:`CALIBRATION_METHODS`; ``keep`` the layers left
     fp32 (``first``, ``last``, layer names such as ``conv2d3``, or ``none``); ``calib_mod``: the same fp32 IR at a
-    larger batch to run the calibration on (faster than ``mod`` at batch 1; its layers must match ``mod``'s)."""
+    larger batch to run the calibration on (faster than ``mod`` at batch 1; its layers must match ``mod``'s);
+    ``fuse_quantize``, ``uint8_residual``: :class:`passes.quantize.QuantConfig`'s (False: the layout before them,
+    to measure)."""
     from passes import quantize as q
     from passes import reports
     from targets.pipeline import pipeline
@@ -102,7 +104,8 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
             raise UserError("precision int8 needs calibration images (compiler.precision.calibration_images)")
         if method not in CALIBRATION_METHODS:
             raise UserError(f"unknown calibration method '{method}': one of {', '.join(CALIBRATION_METHODS)}")
-        overrides = {"method": method, "keep": tuple(keep)}
+        overrides = {"method": method, "keep": tuple(keep), "fuse_quantize": bool(fuse_quantize),
+                     "uint8_residual": bool(uint8_residual)}
         if percentile is not None:
             overrides["percentile"] = percentile
     try:

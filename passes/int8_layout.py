@@ -63,12 +63,25 @@ class _Chain:
     requant: np.ndarray  # float32 per output channel
     attrs: object  # the conv2d's attributes
     inner: tuple  # the bindings the packed kernels replace: (xq, acc, real)
+    sole_reader: bool = False  # the chain's quantize is the only reader of x (no float copy of x is needed)
+    residual_reader: bool = False  # the others are adds (a residual): they can take x as the quantize made it
+
+
+def _adds_only(readers: list, own: str) -> bool:
+    """One ``own`` (the chain's quantize) among ``readers`` (op names), and at least one other, all ``relax.add``."""
+    return readers.count(own) == 1 and len(readers) > 1 and all(r in (own, "relax.add") for r in readers)
 
 
 def _find_chains(func: relax.Function, weight_max: int) -> dict:
     """{requantize var: _Chain} of the packable conv2d layers of ``func`` (uint8 input, no groups, NCHW, int8
     constant weight within +-``weight_max``), and the set of bindings no one else reads once they are packed."""
-    values, uses, conv_ordinal = {}, {}, {}
+    values, uses, conv_ordinal, readers = {}, {}, {}, {}
+
+    def count(e, reader):
+        if isinstance(e, relax.Var):
+            uses[e] = uses.get(e, 0) + 1
+            readers.setdefault(e, []).append(reader)
+
     for block in func.body.blocks:
         for b in block.bindings:
             if not isinstance(b, relax.VarBinding):
@@ -76,10 +89,8 @@ def _find_chains(func: relax.Function, weight_max: int) -> dict:
             values[b.var] = b.value
             if _op_name(b.value) == "relax.nn.conv2d":
                 conv_ordinal[b.var] = len(conv_ordinal)
-            relax.analysis.post_order_visit(b.value, lambda e: uses.__setitem__(e, uses.get(e, 0) + 1)
-                                            if isinstance(e, relax.Var) else None)
-    relax.analysis.post_order_visit(func.body.body, lambda e: uses.__setitem__(e, uses.get(e, 0) + 1)
-                                    if isinstance(e, relax.Var) else None)
+            relax.analysis.post_order_visit(b.value, lambda e, r=_op_name(b.value): count(e, r))
+    relax.analysis.post_order_visit(func.body.body, lambda e: count(e, None))
 
     def bound(expr, name):
         v = values.get(expr) if isinstance(expr, relax.Var) else None
@@ -112,7 +123,8 @@ def _find_chains(func: relax.Function, weight_max: int) -> dict:
                              "target's vpmaddubsw kernels would saturate (quantize with passes.quantize.config_for)")
         chains[var] = _Chain(f"conv2d{conv_ordinal[real.args[0]]}", xq.args[0],
                              np.float32(scale.value.numpy().reshape(())), wq, requant.reshape(-1), a,
-                             (acc.args[0], real.args[0], real_var))
+                             (acc.args[0], real.args[0], real_var), uses.get(xq.args[0], 0) == 1,
+                             _adds_only(readers.get(xq.args[0], []), "relax.quantize"))
     # the NCHW bindings of a chain are dropped when only the chain reads them (a quantized input may be shared)
     inner_uses = {}
     for c in chains.values():
@@ -124,9 +136,12 @@ def _find_chains(func: relax.Function, weight_max: int) -> dict:
 
 @mutator
 class _Packer(BindingMutator):
-    def __init__(self, mod: tvm.IRModule, chains: dict, skip: set, isa: str):
+    def __init__(self, mod: tvm.IRModule, chains: dict, skip: set, isa: str, fuse_quantize: bool = True,
+                 uint8_residual: bool = True):
         super().__init__(mod)
         self.chains, self.skip, self.isa = chains, skip, isa
+        self.fuse_quantize, self.uint8_residual = fuse_quantize, uint8_residual
+        self.uint8_of = {}  # original NCHW float var -> (its uint8 NCHW[ob]c quantize, scale): residual adds read it
         self.quantized = {}  # (x, s_x, ic_bn, padding) -> packed uint8 input: one quantize_repack per shared input
         self.packed_of = {}  # original binding var -> (its value in NCHW[ob]c: a new var, logical channels)
         self.unpacked = {}  # original binding var -> an NCHW unpack of its packed twin
@@ -165,10 +180,22 @@ class _Packer(BindingMutator):
         key = (c.x, float(c.scale), ic_bn, tuple(padding))
         xp = self.quantized.get(key)
         if xp is None:
+            scale = _const(np.array([c.scale], np.float32))
             src = self.packed_of.get(c.x)  # the input is already NCHW[ob]c: quantize it from there
-            src = src[0] if src is not None else self._float_packed(c.x)
-            xp = self.builder_.emit_te(vnni.quantize_repack, src, _const(np.array([c.scale], np.float32)), int(ic),
-                                       ic_bn, padding, primfunc_name_hint=vnni.REPACK_NAME)
+            residual = c.residual_reader and self.uint8_residual
+            if src is not None and self.fuse_quantize and (c.sole_reader or residual):
+                # quantized where it is made (FuseOps puts the quantize into the producing conv's epilogue), then
+                # padded and re-blocked at 1 byte an element: the float activation is never written; a residual
+                # add that reads it too reads the uint8 tensor, dequantized in its own conv's epilogue
+                q = self.builder_.emit_te(vnni.quantize_packed, src[0], scale, primfunc_name_hint=vnni.QUANTIZE_NAME)
+                xp = self.builder_.emit_te(vnni.pad_repack, q, int(ic), ic_bn, padding,
+                                           primfunc_name_hint=vnni.PAD_NAME)
+                if residual:
+                    self.uint8_of[c.x] = (q, scale)
+            else:
+                src = src[0] if src is not None else self._float_packed(c.x)
+                xp = self.builder_.emit_te(vnni.quantize_repack, src, scale, int(ic), ic_bn, padding,
+                                           primfunc_name_hint=vnni.REPACK_NAME)
             self.quantized[key] = xp
         acc = self.builder_.emit_te(vnni.conv2d_nchwc_int8, xp, _const(vnni.pack_weight(c.wq, self.isa)),
                                     [int(v) for v in c.attrs.strides], [int(v) for v in c.attrs.dilation],
@@ -217,6 +244,11 @@ class _Packer(BindingMutator):
             if a in self.packed_of:
                 if _static_shape(a.ty) != out_shape:
                     return None
+                if name == "relax.add" and a in self.uint8_of:  # a residual read at 1 byte an element
+                    q, scale = self.uint8_of[a]
+                    real = self.builder_.emit(relax.op.astype(q, "float32"))
+                    args.append(self.builder_.emit(relax.op.multiply(real, scale)))
+                    continue
                 args.append(self.packed_of[a][0])
             elif _is_const(a) and _dtype(a) == "float32":
                 v = a.value.numpy()
@@ -238,10 +270,12 @@ class Int8Layout:
     """Pack the uint8 conv2d layers of ``func_name`` for ``isa`` (a key of :data:`passes.vnni.ISAS`: ``"vnni"``,
     ``"avx512"``, ``"avx2"``); a module with none is returned unchanged."""
 
-    def __init__(self, isa: str = "vnni", func_name: str = "main") -> None:
+    def __init__(self, isa: str = "vnni", func_name: str = "main", fuse_quantize: bool = True,
+                 uint8_residual: bool = True) -> None:
         if isa not in vnni.ISAS:
             raise ValueError(f"unknown int8 ISA '{isa}': one of {', '.join(vnni.ISAS)}")
         self.isa, self.func_name = isa, func_name
+        self.fuse_quantize, self.uint8_residual = fuse_quantize, uint8_residual
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
@@ -249,7 +283,7 @@ class Int8Layout:
         chains, skip = _find_chains(mod[self.func_name], vnni.ISAS[self.isa].weight_max)
         out = mod
         if chains:
-            packer = _Packer(mod, chains, skip, self.isa)
+            packer = _Packer(mod, chains, skip, self.isa, self.fuse_quantize, self.uint8_residual)
             gv = mod.get_global_var(self.func_name)
             packer.builder_.update_func(gv, packer.visit_expr(mod[self.func_name]))
             # the NCHW twins nothing reads any more (and their kernels)

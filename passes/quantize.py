@@ -79,6 +79,11 @@ class QuantConfig:
     vnni_layout: bool = False
     int8_isa: str = "vnni"  # a key of passes.vnni.ISAS: vnni, avx512, avx2
     weight_max: int = 127  # int8 weights in [-weight_max, weight_max] (63 for the vpmaddubsw ISAs)
+    # packed layout: a conv2d whose output only the next packed conv2d reads quantizes in its own epilogue
+    fuse_quantize: bool = True
+    # with it: a residual add reading such a quantized activation reads the uint8 tensor (dequantized in its conv's
+    # epilogue) instead of the float one, so the block output is never written as float
+    uint8_residual: bool = True
 
     def __post_init__(self):
         if self.method not in calib.METHODS:
@@ -417,7 +422,9 @@ def quantize(mod: tvm.IRModule, calibration: Calibration, config: QuantConfig | 
     from passes.int8_layout import Int8Layout
 
     config = config or QuantConfig()
-    passes = [Quantize(calibration, config)] + ([Int8Layout(config.int8_isa, calibration.func_name)]
+    passes = [Quantize(calibration, config)] + ([Int8Layout(config.int8_isa, calibration.func_name,
+                                                                           config.fuse_quantize,
+                                                                           config.uint8_residual)]
                                                 if config.vnni_layout else [])
     out = tvm.transform.Sequential(passes)(mod)
     report = report_of(out)

@@ -27,7 +27,7 @@ __all__ = ["ScheduleLayoutKernels", "is_layout_kernel", "schedule_injective", "P
 # below this many output elements a kernel runs on one thread: measured on a 2-core Zen 3 (time_evaluator, hot),
 # a 64 x 8 x 8 repack took 1.0 us serial and 2.5 us parallel on 2 threads; a 16 x 34 x 34 one 3.3 us and 2.8 us
 PARALLEL_MIN_ELEMENTS = 16384
-_LAYOUT_NAMES = (vnni.REPACK_NAME, vnni.FLOAT_PACK_NAME, vnni.UNPACK_NAME)
+_LAYOUT_NAMES = (vnni.REPACK_NAME, vnni.FLOAT_PACK_NAME, vnni.UNPACK_NAME, vnni.PAD_NAME)
 _VECTOR_LANES = (8, 4)  # 8: the channel block every packed tensor has (ob 8 or 16), so loads stay contiguous
 
 

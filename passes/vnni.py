@@ -31,7 +31,8 @@ K_BLOCK = 4  # input channels per lane (4 bytes of one int32 lane)
 # variants by them
 CONV_NAME, UNPACK_NAME = "conv2d_nchwc_int8", "vnni_unpack"
 REPACK_NAME, FLOAT_PACK_NAME = "vnni_quantize_repack", "vnni_pack_float"
-KERNEL_NAMES = (CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME)
+QUANTIZE_NAME, PAD_NAME = "vnni_quantize_packed", "vnni_pad_repack"  # the quantize a conv's epilogue takes in; its pad
+KERNEL_NAMES = (CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME, QUANTIZE_NAME, PAD_NAME)
 
 # x86 without VNNI: u8 x s8 -> s16 pairs (vpmaddubsw), then s16 pairs -> s32 (vpmaddwd with ones). The description
 # is the same as the VNNI intrinsics' (C[lanes] += sum_k u8 A[k] * s8 B[i, k]), so the packed layout is the same.
@@ -403,16 +404,53 @@ def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: st
     icp = -(-c // ic_bn) * ic_bn
     top, left, bottom, right = (int(p) for p in padding)
     shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
-    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
 
     def f(b, cb, y, xx, ci):
         ch = cb * ic_bn + ci
         yy, xw = y - top, xx - left
         inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
-        q = te.max(te.min(te.round(xp[b, ch // ob, yy, xw, ch % ob] / scale[0]), hi), lo).astype(out_dtype)
+        q = _quantized(xp[b, ch // ob, yy, xw, ch % ob], scale, out_dtype)
         return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
 
     return te.compute(shape, f, name="quantize_repack")
+
+
+def _quantized(x, scale, out_dtype: str):
+    """``clip(round(x / scale[0]), qmin, qmax)`` as ``out_dtype``: R.quantize with zero point 0."""
+    from tvm import te, tirx
+
+    lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
+    return te.max(te.min(te.round(x / scale[0]), hi), lo).astype(out_dtype)
+
+
+def quantize_packed(y, scale, out_dtype: str = "uint8"):
+    """TE: the elementwise half of :func:`quantize_repack`, in ``y``'s own NCHW[ob]c layout: the same integers,
+    1 byte an element. Elementwise, so FuseOps puts it into the epilogue of the conv2d that produced ``y``; the
+    float activation is then never written. ``scale``: a ``(1,)`` float32 tensor (as in quantize_repack)."""
+    from tvm import te
+
+    return te.compute(tuple(y.shape), lambda *i: _quantized(y[i], scale, out_dtype), name="quantize_packed")
+
+
+def pad_repack(q, channels: int, ic_bn: int, padding):
+    """TE: the data-movement half of :func:`quantize_repack` on already quantized ``q`` (NCHW[ob]c, the first
+    ``channels`` real): NCHW[ic_bn]c with the conv's spatial zero padding and zero channels up to whole blocks.
+    ``pad_repack(quantize_packed(x, s), ...)`` equals ``quantize_repack(x, s, ...)`` element for element."""
+    from tvm import te, tirx
+
+    n, _, h, w, ob = (int(d) for d in q.shape)
+    c = int(channels)
+    icp = -(-c // ic_bn) * ic_bn
+    top, left, bottom, right = (int(p) for p in padding)
+    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
+
+    def f(b, cb, y, xx, ci):
+        ch = cb * ic_bn + ci
+        yy, xw = y - top, xx - left
+        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
+        return tirx.if_then_else(inside, q[b, ch // ob, yy, xw, ch % ob], tirx.const(0, q.dtype))
+
+    return te.compute(shape, f, name="pad_repack")
 
 
 def pack_float(x, isa: str = "vnni"):

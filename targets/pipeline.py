@@ -12,7 +12,8 @@ built::
     legalize (the kernels MetaSchedule tunes)   library dispatch -> LegalizeOps -> AnnotateTIROpPattern
                                                   -> FoldConstant -> FuseOps -> FuseTIR
                                                   [-> ScheduleLayoutKernels (CPU): int8 layout kernels, not tuned]
-    lowering (to the target)                    legalize -> MetaScheduleApplyDatabase (a database) -> DLight
+    lowering (to the target)                    legalize -> MetaScheduleApplyDatabase -> ApplyByAnchor (a database)
+                                                  -> DLight
                                                   (CUDA: GPU rules; CPU: ParallelFallback, the untuned kernels'
                                                   spatial loops on the thread pool) -> TVM's dataflow lowering
                                                   and finalization
@@ -32,7 +33,7 @@ from tvm import relax
 
 from targets import TargetSpec
 
-__all__ = ["Pipeline", "pipeline", "legalize_passes"]
+__all__ = ["Pipeline", "pipeline", "legalize_passes", "apply_database_passes"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
@@ -53,6 +54,15 @@ def legalize_passes(target) -> list:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ] + fixed
+
+
+def apply_database_passes(database) -> list:
+    """The records of ``database`` (a MetaSchedule database that lists its records) applied to the legalized
+    kernels, under ``with target, database:``: MetaScheduleApplyDatabase for the kernels tuned as they are, then
+    :class:`passes.apply_by_anchor.ApplyByAnchor` for those whose conv2d was tuned inside another epilogue."""
+    from passes.apply_by_anchor import ApplyByAnchor, by_anchor_block
+
+    return [relax.transform.MetaScheduleApplyDatabase(enable_warning=False), ApplyByAnchor(by_anchor_block(database))]
 
 
 def _stages(backend: str):
@@ -120,7 +130,8 @@ class Pipeline:
                 raise ValueError("int8 needs a calibration (passes.quantize.calibrate on the fp32 module)")
             passes.append(Quantize(calibration, self.quant))
             if self.int8_isa is not None:
-                passes.append(Int8Layout(self.int8_isa, calibration.func_name))
+                passes.append(Int8Layout(self.int8_isa, calibration.func_name, self.quant.fuse_quantize,
+                                         self.quant.uint8_residual))
         return tvm.transform.Sequential(passes, name=f"precision.{self.precision}")
 
     def graph(self, calibration=None) -> tvm.transform.Pass:
@@ -151,7 +162,7 @@ class Pipeline:
         target = spec.tvm_target()
         db = open_database(database) if database is not None else None
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
-        tuned = [relax.transform.MetaScheduleApplyDatabase(enable_warning=False)] if db is not None else []
+        tuned = apply_database_passes(db) if db is not None else []
         schedule = [_gpu_rules()] if spec.kind == "cuda" else [_cpu_fallback()]
 
         @tvm.transform.module_pass(opt_level=0, name=f"targets.pipeline.{spec.name}")

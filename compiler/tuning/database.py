@@ -103,13 +103,15 @@ def shape_signature(mod) -> list[list]:
     for gv, func in sorted(mod.functions_items(), key=lambda kv: kv[0].name_hint):
         if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
             continue
+        bound = {}
         for block in func.body.blocks:
             for binding in block.bindings:
                 call = binding.value
+                bound[binding.var] = call
                 if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
                     continue
                 if call.op.name == "relax.call_tir":
-                    sig = _call_tir_sig(call)
+                    sig = _call_tir_sig(call, bound)
                     if sig is not None:
                         sigs.append(sig)
                     continue
@@ -123,19 +125,35 @@ def shape_signature(mod) -> list[list]:
     return sigs
 
 
-def _call_tir_sig(call) -> list | None:
+def _call_tir_sig(call, bound: dict | None = None) -> list | None:
     """``["call_tir:<kernel>", [[shape, dtype] per argument], {"out": [shape, dtype]}]`` for the kernels our passes
     emit as call_tir (passes.vnni's packed int8 conv2d and its pack / unpack): a module whose int8 conv2d layers
-    are packed has no relax.nn.conv2d left to name its shapes."""
+    are packed has no relax.nn.conv2d left to name its shapes.
+
+    A quantize the producing conv2d's epilogue takes in (``vnni_quantize_packed`` then ``vnni_pad_repack``) is
+    named as the one ``vnni_quantize_repack`` it stands for (``bound``: var -> value of the bindings before
+    ``call``): the variant names the model's shapes, not where the layout pass put a quantize, so the databases
+    tuned before that fusion keep their names (their conv2d records apply by anchor block: :func:`combine`)."""
     from passes import vnni
 
-    gv, operands = call.args[0], call.args[1]
-    name = getattr(gv, "name_hint", None)
-    kernel = next((k for k in vnni.KERNEL_NAMES if name and name.startswith(k)), None)
-    if kernel is None:
+    def kernel_of(c):
+        name = getattr(c.args[0], "name_hint", None)
+        return next((k for k in vnni.KERNEL_NAMES if name and name.startswith(k)), None)
+
+    def fields(c):
+        operands = c.args[1]
+        return list(operands.fields) if hasattr(operands, "fields") else [operands]
+
+    kernel = kernel_of(call)
+    if kernel is None or kernel == vnni.QUANTIZE_NAME:
         return None
-    fields = list(operands.fields) if hasattr(operands, "fields") else [operands]
-    return [f"call_tir:{kernel}", [_tensor_sig(a) for a in fields], {"out": _tensor_sig(call)}]
+    args = fields(call)
+    if kernel == vnni.PAD_NAME:
+        q = (bound or {}).get(args[0])
+        if q is None or not isinstance(q, type(call)) or kernel_of(q) != vnni.QUANTIZE_NAME:
+            return None
+        kernel, args = vnni.REPACK_NAME, fields(q)
+    return [f"call_tir:{kernel}", [_tensor_sig(a) for a in args], {"out": _tensor_sig(call)}]
 
 
 def variant_of(mod, precision: str) -> str:
@@ -677,11 +695,13 @@ def tasks_applied(mod, spec, database, first=None) -> dict:
 
 def _apply(legal, target, database):
     """``legal`` with ``database``'s schedules applied (MetaScheduleApplyDatabase, as the build does)."""
-    from tvm import relax
+    import tvm
+
+    from targets.pipeline import apply_database_passes
 
     database = open_database(database)  # registers the tensor intrinsics the traces replay with
     with target, database:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(legal)
+        return tvm.transform.Sequential(apply_database_passes(database))(legal)
 
 
 def _is_scheduled(func) -> bool:
@@ -753,9 +773,20 @@ def find_library(spec, precision: str, batch: int, root: str | os.PathLike | Non
 
 
 def combine(database, library):
-    """``database`` first, ``library`` for the kernels it lacks (either may be None): what build applies."""
+    """``database`` first, ``library`` for the kernels it lacks (either may be None): what build applies. One
+    in-memory database (not a union), so that its records can also be keyed by anchor block
+    (:func:`passes.apply_by_anchor.by_anchor_block`)."""
     if database is None or library is None:
         return database if library is None else library
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.database.OrderedUnionDatabase(open_database(database), open_database(library))
+    first, second = open_database(database), open_database(library)
+    out = ms.database.MemoryDatabase()
+    for db, only_new in ((first, False), (second, True)):
+        for record in db.get_all_tuning_records():
+            if only_new and first.has_workload(record.workload.mod):
+                continue
+            workload = out.commit_workload(record.workload.mod)
+            out.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs,
+                                                              record.target, record.args_info))
+    return out
