@@ -142,6 +142,7 @@ class _Packer(BindingMutator):
         self.chains, self.skip, self.isa = chains, skip, isa
         self.fuse_quantize, self.uint8_residual = fuse_quantize, uint8_residual
         self.uint8_of = {}  # original NCHW float var -> (its uint8 NCHW[ob]c quantize, scale): residual adds read it
+        self.fused = self.residuals = 0  # quantizes taken into a conv2d epilogue; residual adds reading uint8
         self.quantized = {}  # (x, s_x, ic_bn, padding) -> packed uint8 input: one quantize_repack per shared input
         self.packed_of = {}  # original binding var -> (its value in NCHW[ob]c: a new var, logical channels)
         self.unpacked = {}  # original binding var -> an NCHW unpack of its packed twin
@@ -190,6 +191,7 @@ class _Packer(BindingMutator):
                 q = self.builder_.emit_te(vnni.quantize_packed, src[0], scale, primfunc_name_hint=vnni.QUANTIZE_NAME)
                 xp = self.builder_.emit_te(vnni.pad_repack, q, int(ic), ic_bn, padding,
                                            primfunc_name_hint=vnni.PAD_NAME)
+                self.fused += 1
                 if residual:
                     self.uint8_of[c.x] = (q, scale)
             else:
@@ -248,6 +250,7 @@ class _Packer(BindingMutator):
                     q, scale = self.uint8_of[a]
                     real = self.builder_.emit(relax.op.astype(q, "float32"))
                     args.append(self.builder_.emit(relax.op.multiply(real, scale)))
+                    self.residuals += 1
                     continue
                 args.append(self.packed_of[a][0])
             elif _is_const(a) and _dtype(a) == "float32":
@@ -281,11 +284,12 @@ class Int8Layout:
         if self.func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod
         chains, skip = _find_chains(mod[self.func_name], vnni.ISAS[self.isa].weight_max)
-        out = mod
+        out, fused, residuals = mod, 0, 0
         if chains:
             packer = _Packer(mod, chains, skip, self.isa, self.fuse_quantize, self.uint8_residual)
             gv = mod.get_global_var(self.func_name)
             packer.builder_.update_func(gv, packer.visit_expr(mod[self.func_name]))
+            fused, residuals = packer.fused, packer.residuals
             # the NCHW twins nothing reads any more (and their kernels)
             out = relax.transform.DeadCodeElimination([self.func_name])(packer.builder_.get())
         report = reports.get(out, reports.QUANTIZE)
@@ -297,6 +301,8 @@ class Int8Layout:
         for row in report.get("layers", []):
             if row["name"] in layouts:
                 row["layout"] = layouts[row["name"]]
-        report.update(vnni_layout=True, int8_isa=self.isa)
+        # fused_quantize: conv2d inputs quantized in the producing conv2d's epilogue; uint8_residuals: residual adds
+        # that read such an input (rounded to its scale) instead of the float activation
+        report.update(vnni_layout=True, int8_isa=self.isa, fused_quantize=fused, uint8_residuals=residuals)
         report["constant_bytes"]["after"] = constant_bytes(out)
         return reports.attach(out, reports.QUANTIZE, report)

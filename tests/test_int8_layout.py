@@ -143,6 +143,8 @@ def test_a_float_read_by_a_residual_add():
     residual = [v for v in values if op_of(v) == "relax.add" and dequantized[0] in list(values[v].args)]
     assert len(residual) == 1 and _static(values[residual[0]]) == [2, 1, 8, 8, 8], packed["main"].script()
     np.testing.assert_array_equal(values[dequantized[0]].args[1].value.numpy(), [np.float32(AMAX["conv2d2"] / 255)])
+    _, report = q.quantize(_residual_block(weights), _calibration(AMAX), q.QuantConfig(keep=("first",), vnni_layout=True))
+    assert (report["fused_quantize"], report["uint8_residuals"]) == (1, 1)  # the quantization report says so
 
 
 def _static(call):
