@@ -397,22 +397,27 @@ def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: st
     (``padding``: top, left, bottom, right) and zero channels up to whole blocks. Reads ``xp`` in its own layout, so
     the kernel streams contiguous memory. ``scale``: a ``(1,)`` float32 tensor, so the kernel does not depend on
     the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
+    return _repacked(xp, int(channels), ic_bn, padding, lambda v: _quantized(v, scale, out_dtype), out_dtype,
+                     "quantize_repack")
+
+
+def _repacked(src, channels: int, ic_bn: int, padding, value, out_dtype: str, name: str):
+    """TE: ``value`` of each element of ``src`` (NCHW[ob]c, the first ``channels`` real) laid out NCHW[ic_bn]c with
+    the spatial zero ``padding`` (top, left, bottom, right) and zero channels up to whole blocks."""
     from tvm import te, tirx
 
-    n, _, h, w, ob = (int(d) for d in xp.shape)
-    c = int(channels)
-    icp = -(-c // ic_bn) * ic_bn
+    n, _, h, w, ob = (int(d) for d in src.shape)
+    icp = -(-channels // ic_bn) * ic_bn
     top, left, bottom, right = (int(p) for p in padding)
     shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
 
     def f(b, cb, y, xx, ci):
         ch = cb * ic_bn + ci
         yy, xw = y - top, xx - left
-        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
-        q = _quantized(xp[b, ch // ob, yy, xw, ch % ob], scale, out_dtype)
-        return tirx.if_then_else(inside, q, tirx.const(0, out_dtype))
+        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < channels)
+        return tirx.if_then_else(inside, value(src[b, ch // ob, yy, xw, ch % ob]), tirx.const(0, out_dtype))
 
-    return te.compute(shape, f, name="quantize_repack")
+    return te.compute(shape, f, name=name)
 
 
 def _quantized(x, scale, out_dtype: str):
@@ -436,21 +441,7 @@ def pad_repack(q, channels: int, ic_bn: int, padding):
     """TE: the data-movement half of :func:`quantize_repack` on already quantized ``q`` (NCHW[ob]c, the first
     ``channels`` real): NCHW[ic_bn]c with the conv's spatial zero padding and zero channels up to whole blocks.
     ``pad_repack(quantize_packed(x, s), ...)`` equals ``quantize_repack(x, s, ...)`` element for element."""
-    from tvm import te, tirx
-
-    n, _, h, w, ob = (int(d) for d in q.shape)
-    c = int(channels)
-    icp = -(-c // ic_bn) * ic_bn
-    top, left, bottom, right = (int(p) for p in padding)
-    shape = (n, icp // ic_bn, h + top + bottom, w + left + right, ic_bn)
-
-    def f(b, cb, y, xx, ci):
-        ch = cb * ic_bn + ci
-        yy, xw = y - top, xx - left
-        inside = tirx.all(yy >= 0, yy < h, xw >= 0, xw < w, ch < c)
-        return tirx.if_then_else(inside, q[b, ch // ob, yy, xw, ch % ob], tirx.const(0, q.dtype))
-
-    return te.compute(shape, f, name="pad_repack")
+    return _repacked(q, int(channels), ic_bn, padding, lambda v: v, str(q.dtype), "pad_repack")
 
 
 def pack_float(x, isa: str = "vnni"):
