@@ -16,6 +16,12 @@ import os
 import time
 
 ENV = "TVM_NUM_THREADS"
+# TVM's AffinityMode kSpecifyThreadShareAllCore. Its default (kBig) pins worker i to core i and leaves the calling
+# thread (which runs a share of every parallel loop) free; when the OS puts the calling thread on worker 1's core,
+# both share that core while the other idles and every parallel kernel runs at one core's speed. Measured with the
+# shipped int8 ResNet56 at batch 64 on 2 threads (2-vCPU Xeon VM): 14-16 ms, but 27-30 ms with the calling thread
+# on core 1; with no worker pinned, 14.6-16.6 ms wherever the calling thread is (benchmarks/resnet56_defaults.md).
+SHARE_ALL_CORES = -3
 _user_env = os.environ.get(ENV)  # what the user's environment said before this project touched it
 
 
@@ -75,7 +81,12 @@ def set_tvm(n: int) -> int:
     import tvm_ffi
 
     prepare_tvm()
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(n))
+    config = tvm_ffi.get_global_func("runtime.config_threadpool")
+    if hasattr(os, "sched_getaffinity"):
+        # kSpecifyThreadShareAllCore: every worker may run on all of this process's cores, none pinned to one
+        config(SHARE_ALL_CORES, int(n), [str(c) for c in sorted(os.sched_getaffinity(0))])
+    else:
+        config(1, int(n))  # kBig: TVM's default
     time.sleep(0.02)  # let workers of a larger count stop spinning before anything is timed
     return int(tvm.runtime.num_threads())
 

@@ -166,3 +166,29 @@ def test_tuning_measures_on_the_targets_cores_unless_the_user_chose(monkeypatch)
     monkeypatch.setattr(threads, "_user_env", "3")
     monkeypatch.setenv(threads.ENV, "3")
     assert threads.for_measurement(2) == 3 and os.environ[threads.ENV] == "3"
+
+
+def test_tvm_workers_are_not_pinned_to_one_core_each():
+    """set_tvm leaves every TVM worker, and the calling thread, free on all of the process's cores. TVM's default
+    pins worker i to core i; when the OS puts the calling thread on worker 1's core the two share it and every
+    parallel kernel runs at one core's speed (2x slower at batch 64, benchmarks/resnet56_defaults.md). Run in a
+    fresh process: TVM's pool is sized once per process."""
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and at least 2 cores for TVM to pin a second worker to")
+    code = (
+        "import json, os\n"
+        "from compiler import threads\n"
+        "allowed = sorted(os.sched_getaffinity(0))\n"
+        "n = threads.set_tvm(2)\n"
+        "tasks = {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')}\n"
+        "print(json.dumps({'allowed': allowed, 'threads': n, 'tasks': list(tasks.values())}))\n"
+    )
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["threads"] == 2, got
+    assert all(cores == got["allowed"] for cores in got["tasks"]), got  # no thread narrowed to one core
