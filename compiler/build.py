@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from dataclasses import dataclass
 import time
@@ -130,9 +131,11 @@ class Lowered:
 def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=None, normalize="cifar",
           calib_images: int = precision.DEFAULT_CALIB_IMAGES, calibration: str = precision.DEFAULT_CALIBRATION,
           keep=precision.DEFAULT_KEEP, untrained: bool = False, fuse_quantize: bool = True,
-          uint8_residual: bool = True) -> Lowered:
+          uint8_residual: bool = True, shipped: tuple | None = None) -> Lowered:
     """Import -> the graph passes of :func:`targets.pipeline.pipeline` for ``spec`` and ``prec``: BN folded, zeroed
-    channels stripped, precision (int8: calibrated on training images). tune lowers with this function too."""
+    channels stripped, precision (int8: calibrated on training images). tune lowers with this function too.
+    ``shipped``: (Calibration, description) stored for this model (:func:`compiler.zoo.calibration`), used for
+    int8 when no CIFAR-10 folder is given (``data_dir`` None and CIFAR10_DIR unset)."""
     from compiler import frontend
     from passes import reports
     from passes.strip_zero_channels import report_of
@@ -145,13 +148,32 @@ def lower(model: torch.nn.Module, batch: int, prec: str, spec=None, *, data_dir=
     stripped = reports.strip_all(stripped)
     kwargs, calib_desc = {}, None
     if precision.needs_calibration(prec):
-        images, calib_desc = precision.calibration_images(data_dir, normalize, calib_images, allow_random=untrained)
-        kwargs = {"calib_images": images, "spec": spec, "method": calibration, "keep": keep,
-                  "fuse_quantize": fuse_quantize, "uint8_residual": uint8_residual}
-        if batch < 64:  # calibrate on the same IR at a larger batch: far fewer runs of the untuned fp32 module
-            kwargs["calib_mod"] = fp32(frontend.import_model(model, 64))
+        kwargs = {"spec": spec, "method": calibration, "keep": keep, "fuse_quantize": fuse_quantize,
+                  "uint8_residual": uint8_residual}
+        if shipped is not None and data_dir is None and not os.environ.get("CIFAR10_DIR"):
+            kwargs["stored_calibration"], calib_desc = shipped
+        else:
+            kwargs["stored_calibration"], calib_desc = calibrate(model, data_dir, normalize, calib_images, spec,
+                                                                 batch=max(batch, 64), untrained=untrained)
     module, quant_report = precision.apply_with_report(stripped, prec, **kwargs)
     return Lowered(dense, stripped, module, strip_report, quant_report, calib_desc)
+
+
+def calibrate(model: torch.nn.Module, data_dir, normalize: str, n: int = precision.DEFAULT_CALIB_IMAGES, spec=None,
+              *, batch: int = 64, untrained: bool = False) -> tuple:
+    """(passes.quantize.Calibration, description): the activation histograms :func:`lower` quantizes ``model``
+    with, from ``n`` CIFAR-10 training images run through its fp32 IR at ``batch`` (a larger batch than the
+    build's: far fewer runs of the untuned fp32 module)."""
+    from compiler import frontend
+    from passes import quantize as q
+    from targets.pipeline import pipeline
+
+    images, desc = precision.calibration_images(data_dir, normalize, n, allow_random=untrained)
+    fp32 = pipeline(spec, "fp32").fp32()
+    try:
+        return q.calibrate(fp32(frontend.import_model(model, batch)), images), desc
+    except ValueError as e:
+        raise UserError(f"int8 calibration: {e}") from None
 
 
 def check_batch(batch: int, field: str = "batch") -> int:
@@ -253,7 +275,7 @@ def build(ckpt, settings: BuildSettings, *, untrained_note: str | None = None, p
     steps.set_postfix_str("import + strip" + (" + calibrate" if precision.needs_calibration(prec) else ""))
     lowered = lower(ckpt.model, settings.batch, prec, spec, data_dir=settings.data, normalize=ckpt.normalize,
                     calib_images=q.calib_images, calibration=q.calibration, keep=q.keep_fp32,
-                    untrained=untrained_note is not None)
+                    untrained=untrained_note is not None, shipped=zoo.calibration(ckpt, q.calib_images))
     steps.update()
     steps.set_postfix_str(f"compile for {spec.name}")
     variant = tuning_db.variant_of(lowered.module, prec)

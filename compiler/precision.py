@@ -81,7 +81,8 @@ def calibration_images(data_dir, normalize: str, n: int = DEFAULT_CALIB_IMAGES, 
 def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.ndarray | None = None,
                       spec=None, method: str = DEFAULT_CALIBRATION, keep=DEFAULT_KEEP,
                       percentile: float | None = None, calib_mod: tvm.IRModule | None = None,
-                      fuse_quantize: bool = True, uint8_residual: bool = True) -> tuple[tvm.IRModule, dict | None]:
+                      fuse_quantize: bool = True, uint8_residual: bool = True,
+                      stored_calibration=None) -> tuple[tvm.IRModule, dict | None]:
     """``mod`` (fp32, stripped) in ``precision`` by the precision passes of :func:`targets.pipeline.pipeline`, and
     the quantization report (None for fp32 / fp16).
 
@@ -91,7 +92,8 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
     fp32 (``first``, ``last``, layer names such as ``conv2d3``, or ``none``); ``calib_mod``: the same fp32 IR at a
     larger batch to run the calibration on (faster than ``mod`` at batch 1; its layers must match ``mod``'s);
     ``fuse_quantize``, ``uint8_residual``: :class:`passes.quantize.QuantConfig`'s (False: the layout before them,
-    to measure)."""
+    to measure); ``stored_calibration``: a :class:`passes.quantize.Calibration` of this model made earlier (the
+    shipped model's, :func:`compiler.zoo.calibration`), used instead of running ``calib_images``."""
     from passes import quantize as q
     from passes import reports
     from targets.pipeline import pipeline
@@ -100,7 +102,7 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
         raise UserError(f"precision {precision} is not implemented")
     calibration, overrides = None, {}
     if precision == "int8":
-        if calib_images is None:
+        if calib_images is None and stored_calibration is None:
             raise UserError("precision int8 needs calibration images (compiler.precision.calibration_images)")
         if method not in CALIBRATION_METHODS:
             raise UserError(f"unknown calibration method '{method}': one of {', '.join(CALIBRATION_METHODS)}")
@@ -111,7 +113,8 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
     try:
         passes = pipeline(spec, precision, **overrides)
         if precision == "int8":
-            calibration = q.calibrate(calib_mod if calib_mod is not None else mod, calib_images)
+            calibration = (stored_calibration if stored_calibration is not None else
+                           q.calibrate(calib_mod if calib_mod is not None else mod, calib_images))
         out = passes.precision_passes(calibration)(mod)
     except ValueError as e:
         raise UserError(f"int8 quantization: {e}") from None

@@ -73,6 +73,25 @@ class Histogram:
         np.minimum(idx, self.bins - 1, out=idx)
         self.counts += np.bincount(idx, minlength=self.bins)
 
+    def state(self) -> np.ndarray:
+        """``[hi, min, max, count]`` (float64): with :attr:`counts`, all a Histogram holds (see :meth:`from_state`)."""
+        return np.array([self.hi, self.min, self.max, self.count], dtype=np.float64)
+
+    @classmethod
+    def from_state(cls, counts: np.ndarray, state: np.ndarray) -> "Histogram":
+        """The Histogram :meth:`state` and :attr:`counts` describe; ValueError on arrays no Histogram could hold."""
+        counts, state = np.asarray(counts), np.asarray(state, dtype=np.float64)
+        if (counts.ndim != 1 or len(counts) < 2 or len(counts) % 2 or counts.dtype.kind not in "iu"
+                or state.shape != (4,) or np.any(counts < 0)):
+            raise ValueError("not a calibration histogram (counts: even length, non-negative integers; state: 4)")
+        hi, lo, top, count = (float(v) for v in state)
+        if int(counts.sum()) != count or hi < 0 or not np.isfinite(hi) or (count and not lo <= top):
+            raise ValueError("calibration histogram counts and state disagree")
+        h = cls(len(counts))
+        h.counts = counts.astype(np.int64)
+        h.hi, h.min, h.max, h.count = hi, lo, top, int(count)
+        return h
+
     def trimmed(self) -> tuple[np.ndarray, float]:
         """(counts up to the last non-empty bin, bin width)."""
         nz = np.nonzero(self.counts)[0]

@@ -36,6 +36,7 @@ The pass form is :class:`Quantize` (its report travels as a module attribute: :f
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -279,6 +280,32 @@ class Calibration:
 
     def threshold(self, name: str, config: QuantConfig, unsigned: bool) -> float:
         return self.histograms[name].threshold(config.method, 256 if unsigned else 128, config.percentile)
+
+    def save(self, file) -> None:
+        """Write to ``file`` (a path or binary file object) as a compressed npz: one histogram per distinct input."""
+        distinct = list({id(h): h for h in self.histograms.values()}.values())
+        which = [next(i for i, h in enumerate(distinct) if h is self.histograms[n]) for n in self.layer_names]
+        arrays = {"layer_names": np.array(self.layer_names), "histogram_of_layer": np.array(which, dtype=np.int64),
+                  "info": np.array([self.func_name]), "images_batch": np.array([self.images, self.batch])}
+        for i, h in enumerate(distinct):
+            arrays[f"counts{i}"], arrays[f"state{i}"] = h.counts, h.state()
+        np.savez_compressed(file, **arrays)
+
+    @classmethod
+    def load(cls, file) -> "Calibration":
+        """The Calibration :meth:`save` wrote; ValueError on anything else (nothing in the file is executed)."""
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                names = [str(n) for n in z["layer_names"]]
+                which = z["histogram_of_layer"].astype(np.int64)
+                func_name, (images, batch) = str(z["info"][0]), (int(v) for v in z["images_batch"])
+                n_hist = int(which.max()) + 1 if len(which) else 0
+                hists = [calib.Histogram.from_state(z[f"counts{i}"], z[f"state{i}"]) for i in range(n_hist)]
+        except (KeyError, OSError, EOFError, TypeError, ValueError, IndexError, zipfile.BadZipFile) as e:
+            raise ValueError(f"not a calibration file of this project ({e})") from None
+        if not names or len(which) != len(names) or which.min() < 0 or images <= 0 or batch <= 0:
+            raise ValueError("not a calibration file of this project (layer table inconsistent)")
+        return cls(func_name, names, {n: hists[int(i)] for n, i in zip(names, which)}, images, batch)
 
 
 def calibrate(mod: tvm.IRModule, images: np.ndarray, *, func_name: str = "main", target=None,

@@ -96,8 +96,9 @@ def test_zoo_add_writes_card_that_eval_reproduces_and_refuses_unfinished_runs(tm
     card = json.loads(r.stdout.strip().splitlines()[-1])["added"]
     assert card["model"] == "resnet8" and card["epochs"] == 1 and card["n_test"] == 32
     assert card["storage"] in ("fp16", "fp32") and card["command"] == ck["metrics"]["command"]
-    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.json", "resnet8.md", "resnet8.pt",
-                                                         "resnet8.verify.npz"]
+    assert sorted(p.name for p in zoo_dir.iterdir()) == ["resnet8.calib.npz", "resnet8.json", "resnet8.md",
+                                                         "resnet8.pt", "resnet8.verify.npz"]
+    assert card["calibration"]["file"] == "resnet8.calib.npz" and card["calibration"]["requested"] == 512
     # the card's top-1 is what eval of the shipped file prints
     r = cli("eval", "--checkpoint", zoo_dir / "resnet8.pt", "--data", tiny_cifar, "--json")
     assert json.loads(r.stdout.strip().splitlines()[-1])["top1"] == card["top1"]
@@ -183,6 +184,43 @@ def test_main_job_builds_the_shipped_pruned_model_for_the_tx2(tmp_path):
     assert v["argmax_agreement"] >= v["argmax_agreement_required"] >= 0.9
     assert v["top1_on_inputs"] >= 75  # 32 real test images; the model scores ~92.9 % on all 10,000
     assert man["runtime"]["threads"] is None and "GPU" in man["runtime"]["how"]
+
+
+def test_shipped_model_builds_int8_without_data_from_its_shipped_calibration(tmp_path, monkeypatch, shared_data):
+    """`build --target host --precision int8` with no --data and no CIFAR10_DIR: the shipped model is quantized
+    from the calibration histograms shipped beside it (no error asking for CIFAR-10), and those histograms are the
+    ones build makes from the real training images (same thresholds by every calibration method)."""
+    from compiler import checkpoint, precision, zoo
+    from compiler.build import calibrate
+    from passes import calibration as calib
+
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    out = tmp_path / "int8"
+    r = cli("build", "--target", "host", "--precision", "int8", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["precision"] == "int8" and man["checkpoint"]["shipped"]
+    assert "histograms shipped in compiler/zoo/resnet56.calib.npz" in man["quantization"]["calibration_images"]
+    assert man["verification"]["argmax_agreement"] >= man["verification"]["argmax_agreement_required"]
+    ckpt = checkpoint.load_checkpoint(zoo.ZOO_DIR / "resnet56.pt")
+    stored, _ = zoo.calibration(ckpt, precision.DEFAULT_CALIB_IMAGES)
+    fresh, desc = calibrate(ckpt.model, shared_data, ckpt.normalize)
+    assert desc.startswith("512 CIFAR-10 training images") and fresh.layer_names == stored.layer_names
+    for name in fresh.layer_names:
+        for method in calib.METHODS:  # fp32 kernels of another CPU may round a value into a neighbouring bin
+            assert stored.threshold(name, q_config(method), True) == pytest.approx(
+                fresh.threshold(name, q_config(method), True), rel=1e-3), (name, method)
+    # another image count is not what was shipped: that still needs CIFAR-10
+    r = cli("build", "--target", "host", "--precision", "int8", "--calib-images", 64, "--out", tmp_path / "n")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error:") and "calibration needs its training images" in last
+    assert not (tmp_path / "n").exists()
+
+
+def q_config(method):
+    from passes.quantize import QuantConfig
+
+    return QuantConfig(method=method)
 
 
 def test_eval_without_checkpoint_prints_the_shipped_cards_top1(shared_data):

@@ -173,6 +173,32 @@ def test_calibration_runs_the_fp32_module_and_sees_each_layer_input():
         assert h.max == pytest.approx(ref.max(), rel=1e-4)
 
 
+def test_calibration_saved_and_loaded_gives_the_same_module(tmp_path):
+    """A Calibration written to npz and read back quantizes to the same module; a file that is not one is refused."""
+    weights = _chain_weights()
+    mod = _chain(weights, n=2)
+    cal = q.calibrate(mod, np.random.default_rng(3).normal(size=(6, 3, 8, 8)).astype(F32))
+    cal.save(tmp_path / "c.npz")
+    back = q.Calibration.load(tmp_path / "c.npz")
+    assert back.layer_names == cal.layer_names and (back.images, back.batch) == (6, 2)
+    for name, h in cal.histograms.items():
+        g = back.histograms[name]
+        assert np.array_equal(g.counts, h.counts) and (g.hi, g.min, g.max, g.count) == (h.hi, h.min, h.max, h.count)
+        for method in calib.METHODS:
+            assert g.threshold(method, 256) == h.threshold(method, 256)
+    tvm.ir.assert_structural_equal(q.quantize(mod, back)[0], q.quantize(mod, cal)[0])
+    # not a calibration: random bytes, an npz without the tables, counts that do not add up
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with np.load(tmp_path / "c.npz") as z:
+        bad = dict(z)
+    bad["counts0"] = bad["counts0"] + 1
+    np.savez(tmp_path / "bad.npz", **bad)
+    for name in ("junk.npz", "other.npz", "bad.npz"):
+        with pytest.raises(ValueError, match="not a calibration file|disagree"):
+            q.Calibration.load(tmp_path / name)
+
+
 # ---------------------------------------------------------------- the rewrite: Before / Expected
 
 

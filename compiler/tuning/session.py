@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler import console, precision, threads
+from compiler import console, precision, threads, zoo
 from compiler.build import BuildSettings, QuantSettings
 from compiler.errors import SettingError, UserError
 from compiler.tuning import database, tvm_compat
@@ -80,7 +80,8 @@ def tune(ckpt, settings: TuneSettings, *, untrained_note: str | None = None, pro
     q = settings.quant
     lowered = lower(ckpt.model, settings.batch, prec, spec, data_dir=settings.data, normalize=ckpt.normalize,
                     calib_images=q.calib_images, calibration=q.calibration, keep=q.keep_fp32,
-                    untrained=untrained_note is not None)  # exactly as build calls it
+                    untrained=untrained_note is not None,
+                    shipped=zoo.calibration(ckpt, q.calib_images))  # exactly as build calls it
     return tune_module(lowered.module, spec, ckpt.model_name, prec, settings.batch, settings.trials,
                        directory=settings.log_dir, tracker=settings.tracker, key=settings.key,
                        timeout=settings.timeout, trials_per_iter=settings.trials_per_iter,

@@ -2,7 +2,10 @@
 
 Beside a shipped checkpoint may lie ``<model>.verify.npz`` (a few dozen CIFAR-10 test images, uint8 NHWC, their
 labels and the shipped model's PyTorch logits: ``build`` verifies on them when no ``--data`` is given) and
-``<model>.LICENSE`` (the licence of the weights the model was derived from, which travels with it).
+``<model>.LICENSE`` (the licence of the weights the model was derived from, which travels with it) and
+``<model>.calib.npz`` (the int8 calibration histograms of the shipped model on the default calibration images:
+``build`` and ``tune`` quantize the shipped model to int8 from them when no ``--data`` is given, exactly as from
+the images).
 
 When ``--checkpoint`` is omitted, the shipped checkpoint of ``--model`` (default resnet56) is used, and the verbs
 say so in one line.
@@ -22,6 +25,7 @@ from compiler.errors import UserError
 ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "resnet56"
 VERIFY_SUFFIX = ".verify.npz"
+CALIB_SUFFIX = ".calib.npz"
 
 
 def shipped(zoo_dir: Path = ZOO_DIR) -> list[dict]:
@@ -92,3 +96,23 @@ def verification_set(model_name: str | None = None) -> dict | None:
                 return {"images": np.ascontiguousarray(z["x"].transpose(0, 3, 1, 2)), "labels": z["y"],
                         "logits": z["logits"], "indices": z["indices"], "model": name, "path": str(path)}
     return None
+
+
+def calibration(ckpt: checkpoint.Checkpoint, calib_images: int, zoo_dir: Path = ZOO_DIR) -> tuple | None:
+    """(passes.quantize.Calibration, description) shipped for ``ckpt`` when it is the shipped checkpoint and
+    ``calib_images`` the number of images asked for when the histograms were made; else None. UserError on a shipped file
+    that is not a calibration of this model (a damaged install)."""
+    c = card(ckpt.model_name, zoo_dir)
+    info = (c or {}).get("calibration") or {}
+    path = Path(zoo_dir) / f"{ckpt.model_name}{CALIB_SUFFIX}"
+    if c is None or c.get("sha256") != ckpt.sha256 or info.get("requested") != calib_images or not path.is_file():
+        return None
+    from passes.quantize import Calibration
+
+    try:
+        cal = Calibration.load(path)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; reinstall the package or give --data") from None
+    if cal.images != info.get("images"):
+        raise UserError(f"{path} holds {cal.images} images' histograms, its card says {info.get('images')}")
+    return cal, f"{info.get('from')}: histograms shipped in compiler/zoo/{path.name} (no --data)"

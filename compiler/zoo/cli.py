@@ -5,7 +5,9 @@ takes a finished ``train`` or ``prune`` checkpoint, measures its top-1 on the fu
 fp16, keeps the fp16 copy when its top-1 is the same (half the bytes), and writes ``compiler/zoo/<model>.pt``, the
 card ``<model>.json`` (top-1, the command that made it, epochs, wall time, where it ran, sha256; for a pruned model
 also MACs and parameters dense and pruned and the base checkpoint's provenance), ``<model>.verify.npz`` (the first
-few test images with the shipped model's logits: what ``build`` verifies on without ``--data``) and, with
+few test images with the shipped model's logits: what ``build`` verifies on without ``--data``), ``<model>.calib.npz``
+(the int8 calibration histograms of the default calibration images: what ``build`` quantizes with without
+``--data``) and, with
 ``--license FILE``, ``<model>.LICENSE`` (the base weights' licence, which travels with a derived binary).
 """
 
@@ -96,6 +98,19 @@ def _write_verification(dest: Path, model: torch.nn.Module, normalize: str, test
     return {"file": dest.name, "images": len(head), "from": f"the first {len(head)} CIFAR-10 test images"}
 
 
+def _write_calibration(dest: Path, model: torch.nn.Module, normalize: str, data_dir) -> dict:
+    """``<model>.calib.npz``: the int8 calibration histograms ``build`` makes for ``model`` by default, so that the
+    shipped model builds in int8 without CIFAR-10 (``compiler.zoo.calibration``)."""
+    from compiler import precision
+    from compiler.build import calibrate
+
+    n = precision.DEFAULT_CALIB_IMAGES
+    cal, desc = calibrate(model, data_dir, normalize, n)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        cal.save(f)
+    return {"file": dest.name, "requested": n, "images": cal.images, "from": desc}
+
+
 def add(path: str | Path, data_dir=None, *, zoo_dir: Path = zoo.ZOO_DIR, license: str | Path | None = None,
         provenance: str | None = None, force: bool = False, download: bool = False) -> dict:
     """Ship the finished ``train`` / ``prune`` checkpoint at ``path`` as its model's default in ``zoo_dir``, with
@@ -111,7 +126,7 @@ def add(path: str | Path, data_dir=None, *, zoo_dir: Path = zoo.ZOO_DIR, license
     if dest.exists() and not force:
         raise SettingError("force", f"is off and a {src.model_name} is already shipped ({dest}): set it to replace that")
     for out in (dest, dest.with_suffix(".json"), dest.with_suffix(".md"), dest.with_suffix(".LICENSE"),
-                dest.with_name(dest.stem + zoo.VERIFY_SUFFIX)):  # force replaces a shipped file, never a folder
+                dest.with_name(dest.stem + zoo.VERIFY_SUFFIX), dest.with_name(dest.stem + zoo.CALIB_SUFFIX)):  # force replaces a shipped file, never a folder
         fileio.check_output(out, kind="file", is_ours=Path.is_file, field="zoo_dir", inputs=(path, data_dir),
                             what="shipped checkpoint")
     zoo_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +149,8 @@ def add(path: str | Path, data_dir=None, *, zoo_dir: Path = zoo.ZOO_DIR, license
     card["top1_fp32"] = acc32
     card["verification"] = _write_verification(dest.with_name(dest.stem + zoo.VERIFY_SUFFIX), shipped_model,
                                                src.normalize, test)
+    card["calibration"] = _write_calibration(dest.with_name(dest.stem + zoo.CALIB_SUFFIX), shipped_model,
+                                             src.normalize, data_dir)
     if src.pruning:
         card["base"] = {"file": Path(str(src.pruning.get("source") or "")).name or None,
                         "sha256": src.pruning.get("source_sha256"), "top1": src.metrics.get("top1_before"),
@@ -161,6 +178,8 @@ def model_card_markdown(card: dict) -> str:
                  ("parameters dense -> compiled", f"{card['params_dense']:,} -> {card['params_compiled']:,}"),
                  ("pruning", ", ".join(f"{k} {v}" for k, v in card["pruning"].items())),
                  ("top-1 before / one-shot", f"{card.get('top1_before')} / {card.get('top1_oneshot')}")]
+    if card.get("calibration"):
+        rows.append(("int8 calibration", f"{card['calibration']['from']}, histograms in `{card['calibration']['file']}`"))
     rows += [("made by", f"`{card.get('command')}`"),
              ("epochs, wall time", f"{card.get('epochs')}, {card.get('train_hours')} h on {card.get('trained_on')}"),
              ("file", f"{card['bytes']:,} bytes, sha256 {card['sha256']}")]
