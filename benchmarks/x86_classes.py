@@ -30,8 +30,8 @@ PEAK_MACS_PER_CYCLE = {
     ("x86-64-v4-vnni", "fp32"): 32, ("x86-64-v4-vnni", "int8"): 2 * 64,
 }
 PEAK_NOTE = ("per core: fp32 = FMA ports x fp32 lanes; int8 = ports x int8 lanes, halved where it takes "
-             "vpmaddubsw + vpmaddwd; Zen 4 (this CPU) runs 512-bit vectors as two 256-bit halves, so its real peak "
-             "is half the v4 figures")
+             "vpmaddubsw + vpmaddwd; Zen 4 runs 512-bit vectors as two 256-bit halves, so its real peak is half "
+             "the v4 figures")
 
 
 def main(argv=None) -> int:
