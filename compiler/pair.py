@@ -35,6 +35,13 @@ def pruned_for(dense, pruned: str | None, normalize: str | None, *, quiet: bool 
 
 def check_dense(ck):
     """``ck`` itself, or a clear error when it is a pruned checkpoint given as the baseline."""
+    from compiler import zoo
+
+    if ck.pruning and zoo.is_shipped(ck):  # no --checkpoint: the shipped model is the pruned side, not a baseline
+        base = (zoo.card(ck.model_name) or {}).get("base") or {}
+        raise UserError(f"the shipped {ck.model_name} is pruned: give the dense checkpoint it was pruned from with "
+                        f"--checkpoint ({base.get('file')}, sha256 {str(base.get('sha256'))[:12]}..., not shipped: "
+                        f"see compiler/zoo/{ck.model_name}.md) and it is measured against the shipped one")
     if ck.pruning:
         raise UserError(f"{ck.path} is a pruned checkpoint; give its dense original as the baseline and it "
                         "as the pruned model")

@@ -2,6 +2,7 @@
 pruned copy made with the prune package's functions, and a tiny generated CIFAR-10 folder."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,4 +181,12 @@ def test_bad_inputs(small, tmp_path, capsys):
                       "unknown model")
     assert_user_error(cli("report", "--models", "resnet8", "--checkpoint", tmp_path / "none.pt", "--data", small,
                           "--out", tmp_path / "r"), "does not exist")
+    assert not (tmp_path / "r").exists()
+    # no --checkpoint: the shipped model is the pruned side; the error names the dense file it was pruned from
+    base = json.loads((Path(__file__).resolve().parents[1] / "compiler" / "zoo" / "resnet56.json").read_text())["base"]
+    for verb in (("compare",), ("report", "--out", tmp_path / "r")):
+        rc, _, err = cli(*verb, "--data", small)
+        last = err.strip().splitlines()[-1]
+        assert rc == 2 and last.startswith("error: the shipped resnet56 is pruned"), err
+        assert "--checkpoint" in last and base["file"] in last and base["sha256"][:12] in last
     assert not (tmp_path / "r").exists()
