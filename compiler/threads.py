@@ -91,6 +91,32 @@ def set_tvm(n: int) -> int:
     return int(tvm.runtime.num_threads())
 
 
+def init_measurement_worker() -> None:
+    """MetaSchedule LocalRunner's initializer: the process that times candidates configures TVM's pool as
+    :func:`set_tvm` does (no thread pinned), at the count :func:`for_measurement` put in its environment; with
+    TVM's default pool a candidate timed while the calling thread shares worker 1's core runs at one core's speed
+    and is ranked as if it were twice as slow."""
+    n = user_tvm_threads() or cores()
+    set_tvm(n)
+
+
+def thread_affinities() -> list[list[int]]:
+    """The cores each thread of this process may run on, TVM's pool started first (Linux; empty elsewhere): to
+    check that none is pinned."""
+    if not os.path.isdir("/proc/self/task") or not hasattr(os, "sched_getaffinity"):
+        return []
+    import tvm
+
+    tvm.runtime.num_threads()  # TVM starts its pool lazily: as the first kernel would, if nothing configured it
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out.append(sorted(os.sched_getaffinity(int(tid))))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
 def apply_recorded(manifest: dict) -> dict:
     """Set TVM to the thread count ``manifest`` recorded as fastest; ``{"threads", "source"}`` of what is used."""
     user = user_tvm_threads()

@@ -522,3 +522,20 @@ def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_i
     shutil.rmtree(primary)
     _fake_log(primary, targets.get("jetson-tx2"), "resnet8", variant)
     assert database.tune_dir(host, primary) == primary
+
+
+def test_the_measuring_process_runs_tvm_with_no_thread_pinned(monkeypatch):
+    """The LocalRunner's worker (the process that times every candidate) configures TVM's pool as set_tvm does: no
+    thread pinned to one core, so a candidate is not timed at one core's speed when the OS puts the calling thread
+    on worker 1's core (benchmarks/thread_affinity.md). TVM's default pool pins its workers; this fails with it."""
+    from compiler import threads
+    from compiler.tuning.session import make_runner
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and at least 2 cores for TVM to pin a second worker to")
+    monkeypatch.setenv(threads.ENV, "2")  # what threads.for_measurement(2) sets before a local tune
+    runner = make_runner(None, None, 1, 60)
+    allowed = sorted(os.sched_getaffinity(0))
+    got = runner.pool.submit(threads.thread_affinities).result()
+    assert len(got) >= 2, got  # the worker's calling thread and TVM's second worker at least
+    assert all(cores == allowed for cores in got), got

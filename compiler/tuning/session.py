@@ -98,7 +98,8 @@ def make_runner(tracker: str | None, key: str | None, servers: int, timeout_sec:
 
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100, enable_cpu_cache_flush=False)
     if tracker is None:
-        return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator)
+        return ms.runner.LocalRunner(timeout_sec=timeout_sec, evaluator_config=evaluator,
+                                     initializer=threads.init_measurement_worker)
     host, port = parse_tracker(tracker)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_priority=1, session_timeout_sec=int(max(1, timeout_sec)))
