@@ -82,11 +82,12 @@ def set_tvm(n: int) -> int:
 
     prepare_tvm()
     config = tvm_ffi.get_global_func("runtime.config_threadpool")
-    if hasattr(os, "sched_getaffinity"):
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if 0 < int(n) <= len(cpus):
         # kSpecifyThreadShareAllCore: every worker may run on all of this process's cores, none pinned to one
-        config(SHARE_ALL_CORES, int(n), [str(c) for c in sorted(os.sched_getaffinity(0))])
-    else:
-        config(1, int(n))  # kBig: TVM's default
+        config(SHARE_ALL_CORES, int(n), [str(c) for c in cpus])
+    else:  # kBig, TVM's default; it caps nothing and pins nothing when there are more threads than cores
+        config(1, int(n))
     time.sleep(0.02)  # let workers of a larger count stop spinning before anything is timed
     return int(tvm.runtime.num_threads())
 
