@@ -80,8 +80,7 @@ def calibration_images(data_dir, normalize: str, n: int = DEFAULT_CALIB_IMAGES, 
 
 def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.ndarray | None = None,
                       spec=None, method: str = DEFAULT_CALIBRATION, keep=DEFAULT_KEEP,
-                      percentile: float | None = None, calib_mod: tvm.IRModule | None = None,
-                      fuse_quantize: bool = True, uint8_residual: bool = True,
+                      percentile: float | None = None, fuse_quantize: bool = True, uint8_residual: bool = True,
                       stored_calibration=None) -> tuple[tvm.IRModule, dict | None]:
     """``mod`` (fp32, stripped) in ``precision`` by the precision passes of :func:`targets.pipeline.pipeline`, and
     the quantization report (None for fp32 / fp16).
@@ -89,9 +88,8 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
     int8: ``calib_images`` (float32 NCHW, normalized: :func:`calibration_images`) are run through the fp32 ``mod``
     on this CPU; ``spec`` (the build target) chooses the activation signedness and the int8 layout (uint8 and
     packed on x86, int8 NCHW elsewhere); ``method`` one of :data:`CALIBRATION_METHODS`; ``keep`` the layers left
-    fp32 (``first``, ``last``, layer names such as ``conv2d3``, or ``none``); ``calib_mod``: the same fp32 IR at a
-    larger batch to run the calibration on (faster than ``mod`` at batch 1; its layers must match ``mod``'s);
-    ``fuse_quantize``, ``uint8_residual``: :class:`passes.quantize.QuantConfig`'s (False: the layout before them,
+    fp32 (``first``, ``last``, layer names such as ``conv2d3``, or ``none``); ``fuse_quantize``,
+    ``uint8_residual``: :class:`passes.quantize.QuantConfig`'s (False: the layout before them,
     to measure); ``stored_calibration``: a :class:`passes.quantize.Calibration` of this model made earlier (the
     shipped model's, :func:`compiler.zoo.calibration`), used instead of running ``calib_images``."""
     from passes import quantize as q
@@ -113,8 +111,7 @@ def apply_with_report(mod: tvm.IRModule, precision: str, *, calib_images: np.nda
     try:
         passes = pipeline(spec, precision, **overrides)
         if precision == "int8":
-            calibration = (stored_calibration if stored_calibration is not None else
-                           q.calibrate(calib_mod if calib_mod is not None else mod, calib_images))
+            calibration = stored_calibration if stored_calibration is not None else q.calibrate(mod, calib_images)
         out = passes.precision_passes(calibration)(mod)
     except ValueError as e:
         raise UserError(f"int8 quantization: {e}") from None

@@ -20,7 +20,7 @@ ENV = "TVM_NUM_THREADS"
 # thread (which runs a share of every parallel loop) free; when the OS puts the calling thread on worker 1's core,
 # both share that core while the other idles and every parallel kernel runs at one core's speed. Measured with the
 # shipped int8 ResNet56 at batch 64 on 2 threads (2-vCPU Xeon VM): 14-16 ms, but 27-30 ms with the calling thread
-# on core 1; with no worker pinned, 14.6-16.6 ms wherever the calling thread is (benchmarks/resnet56_defaults.md).
+# on core 1; with no worker pinned, 14.6-16.6 ms wherever the calling thread is (benchmarks/thread_affinity.md).
 SHARE_ALL_CORES = -3
 _user_env = os.environ.get(ENV)  # what the user's environment said before this project touched it
 

@@ -185,8 +185,7 @@ def test_tvm_workers_are_not_pinned_to_one_core_each():
         "more = threads.set_tvm(len(allowed) + 2)\n"  # more threads than cores: the user's count still wins
         "assert more == len(allowed) + 2, more\n"
         "n = threads.set_tvm(2)\n"
-        "tasks = {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir('/proc/self/task')}\n"
-        "print(json.dumps({'allowed': allowed, 'threads': n, 'tasks': list(tasks.values())}))\n"
+        "print(json.dumps({'allowed': allowed, 'threads': n, 'tasks': threads.thread_affinities()}))\n"
     )
     env = dict(os.environ, TVM_NUM_THREADS=str(len(os.sched_getaffinity(0)) + 2))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
