@@ -28,6 +28,8 @@ PEAK_MACS_PER_CYCLE = {
     ("x86-64-v3", "fp32"): 16, ("x86-64-v3", "int8"): 2 * 32 / 2,
     ("x86-64-v4", "fp32"): 32, ("x86-64-v4", "int8"): 2 * 64 / 2,
     ("x86-64-v4-vnni", "fp32"): 32, ("x86-64-v4-vnni", "int8"): 2 * 64,
+    # AMX: one 16 x 16 x 64 tdpbusd (16,384 MACs) every 16 cycles (the conv2d kernels; the rest is VNNI)
+    ("x86-64-v4-amx", "fp32"): 32, ("x86-64-v4-amx", "int8"): 1024,
 }
 PEAK_NOTE = ("per core: fp32 = FMA ports x fp32 lanes; int8 = ports x int8 lanes, halved where it takes "
              "vpmaddubsw + vpmaddwd; Zen 4 runs 512-bit vectors as two 256-bit halves, so its real peak is half "
@@ -112,7 +114,12 @@ def write_precision(rows: list[dict], loaded: list, command: str) -> None:
 
 
 def _tuned(t: dict) -> str:
-    return f"{t.get('tasks_applied')}/{t.get('tasks')}" if t.get("database") else "untuned"
+    """``applied/tasks`` of the tuning records (the model's database or the kernel library), and the conv2d kernels
+    on AMX tiles (a fixed schedule, no records) after a ``; ``."""
+    amx = f"; {t['amx_conv2d']} conv2d on AMX tiles" if t.get("amx_conv2d") else ""
+    if not t.get("database") and not (t.get("library") or {}).get("database"):
+        return "untuned" + amx
+    return f"{t.get('tasks_applied')}/{t.get('tasks')}{amx}"
 
 
 def _class_of_host() -> str | None:

@@ -108,7 +108,10 @@ UNTUNED_SLOWDOWN = "ResNet56 fp32 50.2 ms untuned vs 1.35 ms tuned (37x); int8 7
 def tuning_line(m: dict) -> str:
     t = m["tuning"]
     lib = t.get("library") or {}
-    fixed = f"; {t['fixed_schedules']} layout kernels with a fixed schedule" if t.get("fixed_schedules") else ""
+    amx = t.get("amx_conv2d") or 0
+    fixed = (f"; {t['fixed_schedules'] - amx} layout kernels with a fixed schedule" if t.get("fixed_schedules") else "")
+    if amx:
+        fixed += f"; {amx} int8 conv2d kernels on AMX tiles (fixed schedule, passes/amx.py)"
 
     def counts(match) -> str:
         how = "" if match in (None, "exact") else f"; {match}"

@@ -176,7 +176,7 @@ class _Packer(BindingMutator):
         there: one kernel that quantizes while it gathers NCHW into NCHW[c] measured 47 us for ResNet56's 16 x 32 x
         32 stem output, the float pack plus quantize_repack 10 + 1 us (tuned, 1 thread)."""
         oc, ic = c.wq.shape[:2]
-        _, ic_bn = vnni.ic_block(ic)
+        _, ic_bn = vnni.ic_block(ic, self.isa)
         padding = [int(p) for p in c.attrs.padding]
         key = (c.x, float(c.scale), ic_bn, tuple(padding))
         xp = self.quantized.get(key)

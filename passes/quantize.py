@@ -114,7 +114,7 @@ def config_for(spec, **overrides) -> QuantConfig:
 
     x86 = spec.kind == "cpu" and not spec.cross_compiled and platform.machine() in ("x86_64", "AMD64")
     isa = vnni.target_int8_isa(spec) if x86 else None
-    weight_max = 127 if isa in (None, "vnni") else vnni.MADDUBS_WEIGHT_MAX - 1
+    weight_max = 127 if isa is None or vnni.ISAS[isa].weight_max == 127 else vnni.MADDUBS_WEIGHT_MAX - 1
     return replace(QuantConfig(unsigned_activations=x86, vnni_layout=isa is not None, int8_isa=isa or "vnni",
                                weight_max=weight_max), **overrides)
 

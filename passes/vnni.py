@@ -61,13 +61,19 @@ class Isa:
 
 
 ISAS = {
+    # AMX: the conv2d kernels run on tiles (passes.amx, a fixed schedule); what it cannot run stays on VNNI. Its
+    # layout has the widest blocks a tile takes: 16 output channels (64-byte tile rows), up to 64 input channels
+    "amx": Isa("AMX", {16: INTRIN_NAME, 8: INTRIN_NAME_8}, 127,
+               frozenset({"amx-tile", "amx-int8", "avx512vnni", "avx512vl"}),
+               "tdpbusd tiles (AMX), vpdpbusd (zmm, ymm) where a tile does not fit"),
     "vnni": Isa("VNNI", {16: INTRIN_NAME, 8: INTRIN_NAME_8}, 127, frozenset({"avx512vnni", "avx512vl"}),
                 "vpdpbusd (zmm, ymm)"),
     "avx512": Isa("AVX-512", {16: AVX512_NAME, 8: AVX2_NAME}, MADDUBS_WEIGHT_MAX, frozenset({"avx512bw", "avx2"}),
                   "vpmaddubsw + vpmaddwd (zmm; ymm for 8-channel blocks)"),
     "avx2": Isa("AVX2", {8: AVX2_NAME}, MADDUBS_WEIGHT_MAX, frozenset({"avx2"}), "vpmaddubsw + vpmaddwd (ymm)"),
 }
-ISA_ORDER = ("vnni", "avx512", "avx2")  # best first
+ISA_ORDER = ("amx", "vnni", "avx512", "avx2")  # best first
+AMX_IC_BLOCK = 64  # input channels per block on AMX: one 64-byte tile row
 
 
 def _intrinsic(lanes: int):
@@ -310,11 +316,12 @@ def target_has_vnni(target) -> bool:
 # (C[ob] += sum_k u8 A[k] * s8 B[i, k]), so MultiLevelTilingWithIntrin can tensorize the conv.
 
 
-def ic_block(ic: int) -> tuple[int, int]:
+def ic_block(ic: int, isa: str = "vnni") -> tuple[int, int]:
     """``(ic_padded, ic_bn)``: input channels padded to a multiple of 4 and the channel block (a multiple of 4, at
-    most 16, dividing ``ic_padded``)."""
+    most 16 - at most 64 on AMX, a tile row - dividing ``ic_padded``)."""
     icp = -(-int(ic) // K_BLOCK) * K_BLOCK
-    for bn in (16, 12, 8, 4):
+    top = AMX_IC_BLOCK if isa == "amx" else 16
+    for bn in range(top, 0, -K_BLOCK):
         if icp % bn == 0:
             return icp, bn
     raise AssertionError("unreachable: icp is a multiple of 4")
@@ -329,6 +336,8 @@ def oc_block(oc: int, isa: str = "vnni") -> int:
     has no 16-lane intrinsic: AVX2 has 8 int32 lanes)."""
     if 16 not in ISAS[isa].blocks:
         return 8
+    if isa == "amx":  # a C tile row is 16 int32: 8-blocks would halve every tile's work
+        return OC_BLOCK
     return 8 if _round_up(oc, 8) < _round_up(oc, 16) else OC_BLOCK
 
 
@@ -339,7 +348,7 @@ def oc_padded(oc: int, isa: str = "vnni") -> int:
 def pack_weight(wq: np.ndarray, isa: str = "vnni") -> np.ndarray:
     """OIHW int8 -> OIHW[ic_bn/4]i[ob]o4i (``(OC/ob, IC/ic_bn, KH, KW, ic_bn/4, ob, 4)``), zero channels padded in."""
     oc, ic, kh, kw = wq.shape
-    icp, bn = ic_block(ic)
+    icp, bn = ic_block(ic, isa)
     ob, ocp = oc_block(oc, isa), oc_padded(oc, isa)
     w = np.zeros((ocp, icp, kh, kw), dtype=wq.dtype)
     w[:oc, :ic] = wq

@@ -169,7 +169,7 @@ _STATIC = {
 }
 
 NAMES = ("jetson-tx2", "jetson-nano", "jetson-xavier", "jetson-orin", "host", "x86-64-v3", "x86-64-v4",
-         "x86-64-v4-vnni", "cuda", "aarch64-cpu")
+         "x86-64-v4-vnni", "x86-64-v4-amx", "cuda", "aarch64-cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,7 +184,10 @@ def _host_cpu() -> tuple[str, str, frozenset]:
     from tvm.target import codegen
 
     mcpu = codegen.llvm_get_system_cpu() or "generic"
-    return mcpu, platform.machine(), cpu_features(mcpu)
+    features = cpu_features(mcpu)
+    if platform.machine() in ("x86_64", "AMD64") and not _AMX <= features and host_amx():
+        features = features | _AMX
+    return mcpu, platform.machine(), features
 
 
 # x86-64 CPU classes, best first: the psABI levels compilers use (v3 = AVX2 + FMA, v4 = AVX-512), v4 split by
@@ -193,7 +196,28 @@ def _host_cpu() -> tuple[str, str, frozenset]:
 # vectorized one AVX-512).
 _X86_V3 = frozenset({"avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe"})
 _X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-X86_CLASSES = (("x86-64-v4-vnni", _X86_V4 | {"avx512vnni"}), ("x86-64-v4", _X86_V4), ("x86-64-v3", _X86_V3))
+_AMX = frozenset({"amx-tile", "amx-int8"})  # Intel AMX int8 tiles (Sapphire Rapids and later)
+X86_CLASSES = (("x86-64-v4-amx", _X86_V4 | {"avx512vnni"} | _AMX), ("x86-64-v4-vnni", _X86_V4 | {"avx512vnni"}),
+               ("x86-64-v4", _X86_V4), ("x86-64-v3", _X86_V3))
+# the class whose tuning records a class uses: the AMX conv2d kernels have a fixed schedule (passes.amx), every
+# tuned kernel of an AMX build is VNNI / AVX-512 code, valid on both
+RECORD_CLASS = {"x86-64-v4-amx": "x86-64-v4-vnni"}
+
+
+def record_class(cls: str | None) -> str | None:
+    """The x86 class whose tuning records a build for ``cls`` applies (:data:`RECORD_CLASS`)."""
+    return RECORD_CLASS.get(cls, cls)
+
+
+@functools.lru_cache(maxsize=1)
+def host_amx() -> bool:
+    """Whether this CPU has AMX int8 tiles (/proc/cpuinfo ``amx_tile`` ``amx_int8``) and Linux gives this process
+    the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, Linux 5.16+). A VM can hide the CPU's model from LLVM
+    (it names this one by its AVX-512 features) while passing AMX through: the flags decide."""
+    from targets import x86
+
+    flags = x86.cpu_flags() or frozenset()
+    return {"amx_tile", "amx_int8"} <= flags and x86.request_amx()
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,10 +266,17 @@ def _host_spec() -> TargetSpec:
         where = ""
     return TargetSpec(
         name="host", description=f"this machine's CPU ({arch}, LLVM -mcpu={mcpu}{where})", kind="cpu",
-        device={"kind": "llvm", "mcpu": mcpu}, host=None, cuda_arch=None, cross_compiled=False,
+        device=_host_device(mcpu, features), host=None, cuda_arch=None, cross_compiled=False,
         default_precision=precision, precision_reason=reason, fast_int8=fast, fast_int8_reason=why,
         toolchain="LLVM (TVM) + this machine's C compiler (TVM's default linker)",
     )
+
+
+def _host_device(mcpu: str, features: frozenset) -> dict:
+    """The TVM target JSON of this CPU: LLVM's ``-mcpu``, plus the AMX features where the CPU has them and LLVM's
+    name for it does not (:func:`host_amx`)."""
+    extra = sorted(f for f in _AMX if f in features and f not in cpu_features(mcpu))
+    return {"kind": "llvm", "mcpu": mcpu, **({"mattr": [f"+{f}" for f in extra]} if extra else {})}
 
 
 def _x86_class_spec(name: str) -> TargetSpec:
@@ -257,7 +288,7 @@ def _x86_class_spec(name: str) -> TargetSpec:
         name=name, description=f"any x86-64 CPU of class {name} or above ({c.cpus})", kind="cpu",
         device=dict(c.device), host=None, cuda_arch=None, cross_compiled=False, default_precision=precision,
         precision_reason=reason, fast_int8=True, fast_int8_reason=f"int8 kernels: {c.int8_instructions}",
-        toolchain=f"LLVM (TVM) -mcpu={c.device['mcpu']}{' +avx512vnni' if 'mattr' in c.device else ''} + this "
+        toolchain=f"LLVM (TVM) -mcpu={c.device['mcpu']}{''.join(' ' + a for a in c.device.get('mattr', []))} + this "
                   "machine's C compiler",
         notes=("the artifact runs on every CPU of this class or above; loading it on a CPU below refuses with the "
                "missing feature", "tuning records for this target apply on every CPU of the class"),

@@ -47,6 +47,10 @@ def legalize_passes(target) -> list:
         from passes.schedule_layout import ScheduleLayoutKernels
 
         fixed = [ScheduleLayoutKernels()]
+        from passes import amx
+
+        if amx.is_amx_target(target):  # the packed conv2d kernels on AMX tiles: a fixed schedule as well
+            fixed = [amx.ScheduleAmxConv2d()] + fixed
     return stages.library_dispatch_passes(target) + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -28,6 +28,10 @@ class X86Class:
 
 
 CLASSES = {
+    "x86-64-v4-amx": X86Class("x86-64-v4-amx", {"kind": "llvm", "mcpu": "x86-64-v4",
+                                                "mattr": ["+avx512vnni", "+amx-tile", "+amx-int8"]},
+                              "amx", "AMX tdpbusd int8 tiles (conv2d), AVX-512 VNNI vpdpbusd (the rest)",
+                              "Intel Sapphire Rapids, Emerald Rapids, Granite Rapids (4th-gen Xeon Scalable and later)"),
     "x86-64-v3": X86Class("x86-64-v3", {"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2",
                           "AVX2 vpmaddubsw + vpmaddwd (ymm; 7-bit weights: vpmaddubsw saturates int16)",
                           "Intel Haswell ... Comet Lake / Alder Lake and later clients, AMD Zen 1-3"),
@@ -46,7 +50,7 @@ CPUINFO_FLAG = {
     "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
     "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
     "avx512vpopcntdq": "avx512_vpopcntdq", "avx512ifma": "avx512ifma", "avx512fp16": "avx512_fp16",
-    "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "sha": "sha_ni",
+    "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-int8": "amx_int8", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "sha": "sha_ni",
 }
 
 
@@ -72,12 +76,34 @@ def cpu_flags() -> frozenset | None:
     return frozenset()
 
 
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+@functools.lru_cache(maxsize=1)
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``;
+    idempotent): False where it refuses (Linux before 5.16, a CPU without AMX, not Linux)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def missing_features(required: list[str], flags: frozenset | None = None) -> list[str] | None:
     """The flags of ``required`` this CPU lacks ([] when it has them all; None when it cannot be told)."""
+    here = flags is None
     flags = cpu_flags() if flags is None else flags
     if flags is None:
         return None
-    return [f for f in required if f not in flags]
+    missing = [f for f in required if f not in flags]
+    if here and not missing and "amx_tile" in required and not request_amx():
+        missing = ["amx_tile (Linux does not give this process the tile state: arch_prctl, Linux 5.16 or later)"]
+    return missing
 
 
 def runs_here(target_json: dict) -> bool:
@@ -119,7 +145,8 @@ def auto_precision(class_name: str | None) -> tuple[str, str]:
     def kernels(p: str) -> str:
         if p not in tuned:
             return ""
-        return " (untuned)" if tuned[p] == "untuned" else f" ({tuned[p]} kernels tuned)"
+        head, _, rest = str(tuned[p]).partition("; ")  # "3/4; 17 conv2d on AMX tiles"
+        return (" (untuned" if head == "untuned" else f" ({head} kernels tuned") + (f"; {rest})" if rest else ")")
 
     return pick, (f"measured on {class_name} ({row.get('model')}, batch {row.get('batch')}, {row.get('where')}): "
                   f"int8 {int8:.3g} ms{kernels('int8')} vs fp32 {fp32:.3g} ms{kernels('fp32')}, so {pick} "

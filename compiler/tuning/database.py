@@ -480,7 +480,7 @@ def _x86_class(spec_name: str, target_json: dict) -> str | None:
             features = frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target_json)))
         except Exception:  # noqa: BLE001 - an unknown CPU name
             return None
-    return targets.cpu_class(target_json.get("mcpu"), features)
+    return targets.record_class(targets.cpu_class(target_json.get("mcpu"), features))
 
 
 def target_match(meta: dict, spec) -> tuple[str | None, str | None]:
@@ -582,11 +582,13 @@ def tune_dir(spec, primary: Path) -> Path:
 
 def _other_cpu(meta: dict, spec) -> bool:
     """Whether ``meta`` was tuned for this very target on another CPU: same target name and TVM target but for
-    its ``-mcpu`` (of this CPU's class or not)."""
+    its ``-mcpu`` and ``-mattr`` (the CPU's features, which the class comparison judges: host adds AMX's where LLVM's
+    CPU name lacks them), of this CPU's class or not."""
     got = meta.get("target", {})
     theirs, ours = _norm_target(got.get("tvm", {})), _norm_target(spec.target_json())
+    cpu = ("mcpu", "mattr")
     return (str(got.get("name")) == spec.name and ours.get("kind") == "llvm" and "mtriple" not in ours
-            and {k: v for k, v in theirs.items() if k != "mcpu"} == {k: v for k, v in ours.items() if k != "mcpu"})
+            and {k: v for k, v in theirs.items() if k not in cpu} == {k: v for k, v in ours.items() if k not in cpu})
 
 
 def target_mismatch(meta: dict, spec) -> str | None:
@@ -676,18 +678,21 @@ def tasks_applied(mod, spec, database, first=None) -> dict:
     legal = pipeline(spec).legalize(target)(mod)  # the same passes the build runs before applying a database
     applied_mods = [_apply(legal, target, db) for db in (database, first) if db is not None]
     seen: dict[int, tuple[str, list[bool]]] = {}
-    fixed = set()
+    fixed, amx = set(), set()
     for gv, func in legal.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
         key = tvm_ffi.structural_hash(func.with_attr("global_symbol", "main"))
-        if _is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout): not a tuning task
+        if _is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout, passes.amx): not a task
             fixed.add(key)
+            if "conv2d_nchwc_int8" in gv.name_hint:  # a conv2d on AMX tiles
+                amx.add(key)
             continue
         name, was = seen.get(key, (gv.name_hint, [False] * len(applied_mods)))
         seen[key] = (name, [w or _is_scheduled(m[gv]) for w, m in zip(was, applied_mods)])
     missing = sorted(name for name, ok in seen.values() if not ok[0])
-    out = {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing, "fixed": len(fixed)}
+    out = {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing, "fixed": len(fixed),
+           "fixed_amx": len(amx)}
     if first is not None:
         out["first_applied"] = sum(ok[1] for _, ok in seen.values())
     return out
@@ -726,7 +731,8 @@ def manifest_entry(info: dict, applied: dict | None, library: dict | None = None
         lib = {"database": shown(library["path"]), "sha256": library["sha256"], "match": library.get("match"),
                "tasks_applied": applied["applied"] - applied.get("first_applied", 0) if applied else None}
     counts = {"tasks_applied": applied["applied"] if applied else 0, "tasks": applied["tasks"] if applied else None,
-              "fixed_schedules": applied.get("fixed", 0) if applied else None}
+              "fixed_schedules": applied.get("fixed", 0) if applied else None,
+              "amx_conv2d": applied.get("fixed_amx", 0) if applied else None}
     if info.get("path") is None:
         return {"database": None, "sha256": None, "library": lib, **counts, "trials": 0,
                 "note": info.get("note") if lib is None else library.get("note")}

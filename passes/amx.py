@@ -1,0 +1,326 @@
+"""ScheduleAmxConv2d: the packed int8 conv2d kernels on Intel AMX tiles (``tdpbusd``), with their epilogue fused.
+
+AMX (Sapphire Rapids and later Xeons) multiplies whole tiles: ``tdpbusd`` is C[M x N] int32 += A[M x K] uint8 .
+B[K/4 x N x 4] int8, up to 16 x 16 x 64 in one instruction, ~1,000 multiply-adds a cycle where AVX-512 VNNI does 128
+(``benchmarks/amx_probe.md``). The packed layout :class:`passes.int8_layout.Int8Layout` emits already has AMX's
+operands in place:
+
+- an **A tile** is M output pixels of one row x K input channels: data NCHW[ic_bn]c holds a pixel's ic_bn channels
+  contiguously, the next pixel ``stride * ic_bn`` bytes on (the tile row stride). Where the conv has one input
+  block (ICC = 1) the KW taps of a row are contiguous too, so a row of A is KW * ic_bn bytes (K folded over kw);
+- a **B tile** is the weight block OIHW[ic_bn/4]i[ob]o4i of one (oc block, ic block, kh, kw): K/4 rows of ob x 4
+  bytes, which is the VNNI order ``tdpbusd`` wants;
+- a **C tile** is M pixels x ob output channels of the int32 NCHW[ob]c output.
+
+This pass (after FuseTIR, in place of MetaSchedule for these kernels) rewrites each fused kernel whose anchor is a
+packed conv2d: the conv2d is split into tiles of M pixels (the largest divisor of the output width up to 16), each
+tile computed by ``tilezero``, one ``tileloadd`` of A and of B and one ``tdpbusd`` per tap, and ``tilestored`` into
+an M x ob int32 buffer the fused epilogue (requantize, bias, residual add, ReLU, quantize; inlined into one block)
+reads right after, vectorized over ob: the int32 tensor never leaves the cache. Tiles are spread over the thread
+pool in :data:`CHUNKS` contiguous chunks; each chunk configures the tile registers once (``ldtilecfg``: 200 cycles
+here, as much as a tile's work at batch 1) and puts the thread's previous configuration back when it is done
+(:func:`_with_tiles`: ONNX Runtime, in the same process, keeps its own per thread). The integers are the same as the NCHW conv2d's (an exact int32 sum in
+another order): bit-identical to the VNNI kernels.
+
+Linux gives a process the tile state only once it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``);
+every kernel asks at entry (one cheap syscall, idempotent), so an artifact runs in any process that loads it.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+from passes import vnni
+
+__all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "CHUNKS", "PARALLEL_MIN_MACS", "FEATURES"]
+
+FEATURES = ("amx-tile", "amx-int8")  # the LLVM features the kernels need (the target's mattr)
+CHUNKS = 16  # contiguous tile chunks of a parallel kernel: each configures the tiles once
+PARALLEL_MIN_MACS = 1 << 21  # a kernel below this many multiply-adds (~2 us of tiles) runs on one thread
+MAX_K = 64  # bytes in a tile row
+MAX_M = 16  # rows in a tile
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+# the 8 tile registers: up to 2 x 2 accumulators (2 output-channel blocks x 2 pixel runs), whose independent
+# tdpbusd chains overlap; the 2 activation tiles and the 2 weight tiles they multiply
+_C, _A, _B = (0, 1, 2, 3), (4, 5), (6, 7)
+
+
+def tile_config(m: int, k: int, n_bytes: int) -> list[int]:
+    """The 64-byte ``ldtilecfg`` operand (palette 1): C tiles m x n_bytes, A tiles m x k, B tiles k/4 x n_bytes."""
+    cfg = [0] * 64
+    cfg[0] = 1
+    shapes = [(t, m, n_bytes) for t in _C] + [(t, m, k) for t in _A] + [(t, k // 4, n_bytes) for t in _B]
+    for tile, rows, colsb in shapes:
+        cfg[16 + 2 * tile] = colsb & 0xFF
+        cfg[17 + 2 * tile] = colsb >> 8
+        cfg[48 + tile] = rows
+    return cfg
+
+
+def _intrin(name: str, *args) -> tirx.Stmt:
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", name, *args))
+
+
+def _i8(v: int):
+    return tirx.IntImm("int8", v)
+
+
+def _i64(v):
+    return tirx.IntImm("int64", v) if isinstance(v, int) else v
+
+
+def _address(buf, indices):
+    return tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buf, [_i64(i) for i in indices]))
+
+
+def _region_buffer(region):
+    return region.buffer if hasattr(region, "buffer") else region.source
+
+
+def _linear(expr, var) -> int | None:
+    """The integer coefficient of ``var`` in the affine ``expr`` (None when it is not affine in it)."""
+    from tvm import sym
+
+    coeffs = sym.detect_linear_equation(expr, [var])
+    return None if len(coeffs) != 2 else int(coeffs[0])
+
+
+class _Geometry:
+    """Shapes, strides and the tiling of one packed conv2d block (None-returning :meth:`of` when AMX cannot run
+    it)."""
+
+    @classmethod
+    def of(cls, block):
+        if len(block.writes) != 1 or len(block.reads) != 2:
+            return None
+        out = _region_buffer(block.writes[0])
+        reads = [_region_buffer(r) for r in block.reads]
+        data = next((b for b in reads if str(b.dtype) == "uint8"), None)
+        kern = next((b for b in reads if str(b.dtype) == "int8"), None)
+        if data is None or kern is None or str(out.dtype) != "int32":
+            return None
+        try:
+            n, icc, _, _, bn = (int(d) for d in data.shape)
+            occ, icc2, kh, kw, bnq, ob, k4 = (int(d) for d in kern.shape)
+            n2, occ2, oh, ow, ob2 = (int(d) for d in out.shape)
+        except (TypeError, ValueError):  # a symbolic shape
+            return None
+        if (icc, occ, n, ob) != (icc2, occ2, n2, ob2) or k4 != 4 or bnq * 4 != bn or ob not in (8, 16) or bn > MAX_K:
+            return None
+        if len(block.iter_vars) != 10:
+            return None
+        v = [iv.var for iv in block.iter_vars]  # b, o, y, x, ob, kh, kw, ic_outer, ic_f, ic_s (conv2d_nchwc_int8)
+        idx = [r.min for r in next(r for r in block.reads if _region_buffer(r).same_as(data)).region]
+        sh, dh, sw, dw = _linear(idx[2], v[2]), _linear(idx[2], v[5]), _linear(idx[3], v[3]), _linear(idx[3], v[6])
+        if None in (sh, dh, sw, dw) or dh != 1 or dw != 1:
+            return None
+        g = cls()
+        g.data, g.kern, g.out = data, kern, out
+        g.n, g.icc, g.bn, g.occ, g.kh, g.kw, g.ob, g.oh, g.ow, g.sh, g.sw = n, icc, bn, occ, kh, kw, ob, oh, ow, sh, sw
+        g.m = max(d for d in range(1, MAX_M + 1) if ow % d == 0)
+        g.fold = icc == 1 and kw * bn <= MAX_K  # a row's kw taps are contiguous: one tile row of kw * bn bytes
+        g.k = kw * bn if g.fold else bn
+        g.to = 2 if occ % 2 == 0 else 1  # output-channel blocks a group computes
+        runs_x = ow // g.m
+        g.pair = "x" if runs_x % 2 == 0 else ("y" if oh % 2 == 0 else None)  # where a group's second run is
+        g.ts = 1 if g.pair is None else 2
+        g.macs = n * occ * ob * oh * ow * icc * bn * kh * kw
+        return g
+
+    def taps(self):
+        """(ic block, kh, kw) of each tdpbusd of a tile: loop extents."""
+        return (self.icc, self.kh, 1 if self.fold else self.kw)
+
+
+def _tile_body(g: _Geometry, b, o, y, x) -> tirx.Stmt:
+    """One group of C tiles from (b, o, y, x): ``g.to`` output-channel blocks x ``g.ts`` runs of M pixels (the next
+    M pixels of the row, or the next row: ``g.pair``), every tap accumulated, stored into ``g.out``."""
+    runs = [(y, x + i * g.m) if g.pair == "x" else (y + i, x) for i in range(g.ts)]
+    tiles = [(oi, si) for oi in range(g.to) for si in range(g.ts)]
+    ic, kh, kw = (tirx.Var(name, "int64") if extent > 1 else _i64(0)
+                  for name, extent in zip(("ic", "kh", "kw"), g.taps()))
+    step = []
+    for si, (yy, xx) in enumerate(runs):
+        step.append(_intrin("llvm.x86.tileloadd64", _i8(_A[si]),
+                            _address(g.data, [b, ic, yy * g.sh + kh, xx * g.sw + kw, 0]), _i64(g.sw * g.bn)))
+    for oi in range(g.to):
+        step.append(_intrin("llvm.x86.tileloadd64", _i8(_B[oi]), _address(g.kern, [o + oi, ic, kh, kw, 0, 0, 0]),
+                            _i64(4 * g.ob)))
+    for oi, si in tiles:
+        step.append(_intrin("llvm.x86.tdpbusd", _i8(_C[oi * 2 + si]), _i8(_A[si]), _i8(_B[oi])))
+    loops = tirx.SeqStmt(step)
+    for var, extent in reversed(list(zip((ic, kh, kw), g.taps()))):
+        if extent > 1:
+            loops = tirx.For(var, _i64(0), _i64(extent), tirx.ForKind.SERIAL, loops)
+    zero = [_intrin("llvm.x86.tilezero", _i8(_C[oi * 2 + si])) for oi, si in tiles]
+    store = [_intrin("llvm.x86.tilestored64", _i8(_C[oi * 2 + si]),
+                     _address(g.out, [b, o + oi, runs[si][0], runs[si][1], 0]), _i64(4 * g.ob)) for oi, si in tiles]
+    return tirx.SeqStmt(zero + [loops] + store)
+
+
+def _with_tiles(g: _Geometry, body: tirx.Stmt):
+    """``body`` with the tile registers configured for ``g`` around it, and the thread's previous configuration put
+    back after it: other libraries in the process keep theirs per thread (ONNX Runtime's MLAS loads its AMX
+    configuration once per thread and stops with SIGILL if someone else's is left in place), so the kernel saves it
+    (``sttilecfg``; an unconfigured thread reads palette 0, which ``ldtilecfg`` restores as released tiles)."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    cfg = tirx.decl_buffer((64,), "uint8", name="amx_tile_config", scope="local")
+    saved = tirx.decl_buffer((64,), "uint8", name="amx_saved_config", scope="local")
+    stores = [tirx.BufferStore(cfg, tirx.IntImm("uint8", byte), [_i64(i)])
+              for i, byte in enumerate(tile_config(g.m, g.k, 4 * g.ob))]
+    seq = tirx.SeqStmt([_intrin("llvm.x86.sttilecfg", _address(saved, [0]))] + stores + [
+        _intrin("llvm.x86.ldtilecfg", _address(cfg, [0])), body, _intrin("llvm.x86.ldtilecfg", _address(saved, [0]))])
+    return SBlockRealize([], True, SBlock([], [], [], "amx_tiles", seq, alloc_buffers=[cfg, saved]))
+
+
+def _request_tile_state() -> tirx.Stmt:
+    """``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`` through libc's ``syscall``: Linux keeps the tile
+    state from a process until it asks (then the first tile instruction would be SIGILL)."""
+    return tirx.Evaluate(tirx.call_extern("int64", "syscall", _i64(SYS_ARCH_PRCTL), _i64(ARCH_REQ_XCOMP_PERM),
+                                          _i64(XFEATURE_XTILEDATA)))
+
+
+def schedule_amx_conv2d(func: tirx.PrimFunc, chunks: int = CHUNKS, parallel_min_macs: int = PARALLEL_MIN_MACS):
+    """``func`` (a fused kernel: a packed conv2d block first, then elementwise blocks over its output) with the
+    conv2d on AMX tiles and the epilogue fused per tile, marked ``tirx.is_scheduled``; None where the kernel does
+    not have that shape (left to MetaSchedule)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    try:
+        root = sch.get_sblock("root")
+        blocks = sch.get_child_blocks(root)
+        if not blocks or sch.get(blocks[0]).name_hint != vnni.CONV_NAME:
+            return None
+        g = _Geometry.of(sch.get(blocks[0]))
+        if g is None:
+            return None
+        for block in reversed(blocks[1:-1]):
+            sch.compute_inline(block)
+        blocks = sch.get_child_blocks(root)
+        if len(blocks) > 2:
+            return None
+        conv, epilogue = blocks[0], (blocks[1] if len(blocks) == 2 else None)
+        if epilogue is not None:
+            written = _region_buffer(sch.get(epilogue).writes[0])
+            if [int(d) for d in written.shape] != [int(d) for d in g.out.shape]:
+                return None
+        b, o, y, x, *_ = sch.get_loops(conv)
+        xo, xi = sch.split(x, [None, g.m])
+        group = []  # the loops a group of tiles spans, outermost first
+        if g.to == 2:
+            o, ot = sch.split(o, [None, 2])
+            group.append(ot)
+        if g.pair == "x":
+            xo, xt = sch.split(xo, [None, 2])
+            group.append(xt)
+        elif g.pair == "y":
+            y, yt = sch.split(y, [None, 2])
+            group.append(yt)
+        sch.reorder(b, o, y, xo, *group, xi)
+        if epilogue is not None:
+            sch.reverse_compute_at(epilogue, xo)
+            inner = sch.get_loops(epilogue)[-1]
+            if g.ob in (8, 16):
+                sch.vectorize(inner)
+        sch.blockize(group[0] if group else xi)
+        fused = sch.fuse(b, o, y, xo)
+        parallel = g.macs >= parallel_min_macs
+        if parallel:
+            extent = g.n * (g.occ // g.to) * (g.oh // (2 if g.pair == "y" else 1)) * (g.ow // g.m // (2 if g.pair == "x" else 1))
+            outer, _ = sch.split(fused, [min(chunks, extent), None])
+            sch.parallel(outer)
+    except s_tir.ScheduleError:
+        return None
+    return _lower_tiles(sch.mod["main"], g, parallel).with_attr("tirx.is_scheduled", True)
+
+
+def _lower_tiles(func: tirx.PrimFunc, g: _Geometry, parallel: bool) -> tirx.PrimFunc:
+    """The blockized conv2d tile's body replaced by the tile instructions; the tile configuration put at the top
+    of each parallel chunk (or of the kernel); the tile-state request at its entry."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    tile_name = vnni.CONV_NAME + "_o"
+
+    def rewrite_block(stmt):
+        if isinstance(stmt, SBlock) and stmt.name_hint == tile_name:
+            region = stmt.writes[0].region
+            b, o, y, x = (r.min for r in region[:4])
+            return SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, _tile_body(g, b, o, y, x),
+                          None, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+        return None
+
+    placed = []
+
+    def configure(stmt):
+        if parallel and stmt.kind == tirx.ForKind.PARALLEL and not placed:
+            placed.append(stmt)
+            return _with_tiles(g, stmt.body)
+        return stmt.body
+
+    body = _rewrite(func.body, rewrite_block, configure)
+    root = body.block  # the root SBlockRealize
+    inner = root.body if placed else _with_tiles(g, root.body)
+    root = SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
+                  tirx.SeqStmt([_request_tile_state(), inner]), root.init, root.alloc_buffers, root.match_buffers,
+                  root.annotations)
+    return func.with_body(SBlockRealize(body.iter_values, body.predicate, root))
+
+
+def _rewrite(stmt, block_fn, for_fn):
+    """``stmt`` rebuilt with ``block_fn(block)`` (a new SBlock or None: kept, its body rewritten) and
+    ``for_fn(loop)`` (the loop's new body, given its rewritten one) applied: this TVM exposes no TIR mutator to
+    Python. Covers what a schedule of these kernels leaves: SBlockRealize, SBlock, For, SeqStmt."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    if isinstance(stmt, SBlockRealize):
+        return SBlockRealize(stmt.iter_values, stmt.predicate, _rewrite(stmt.block, block_fn, for_fn))
+    if isinstance(stmt, SBlock):
+        new = block_fn(stmt)
+        if new is not None:
+            return new
+        return SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, _rewrite(stmt.body, block_fn, for_fn),
+                      stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+    if isinstance(stmt, tirx.For):
+        inner = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, _rewrite(stmt.body, block_fn, for_fn),
+                         stmt.thread_binding, stmt.annotations)
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, for_fn(inner), stmt.thread_binding,
+                        stmt.annotations)
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([_rewrite(s, block_fn, for_fn) for s in stmt.seq])
+    return stmt
+
+
+def is_amx_target(target) -> bool:
+    """Whether the LLVM ``target`` has the AMX int8 features (:data:`FEATURES`)."""
+    features = vnni._llvm_x86_features(target)
+    return features is not None and set(FEATURES) <= features
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleAmxConv2d")
+class ScheduleAmxConv2d:
+    """Every unscheduled packed int8 conv2d kernel of a legalized module on AMX tiles
+    (:func:`schedule_amx_conv2d`); each keeps its name and signature. Kernels of another shape are left alone."""
+
+    def __init__(self, chunks: int = CHUNKS, parallel_min_macs: int = PARALLEL_MIN_MACS):
+        self.chunks, self.parallel_min_macs = chunks, parallel_min_macs
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or vnni.CONV_NAME not in gv.name_hint:
+                continue
+            attrs = func.attrs or {}
+            if "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1:
+                continue
+            scheduled = schedule_amx_conv2d(func, self.chunks, self.parallel_min_macs)
+            if scheduled is not None:
+                updates[gv] = scheduled
+        if not updates:
+            return mod
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
