@@ -19,8 +19,10 @@ an M x ob int32 buffer the fused epilogue (requantize, bias, residual add, ReLU,
 reads right after, vectorized over ob: the int32 tensor never leaves the cache. Tiles are spread over the thread
 pool in :data:`CHUNKS` contiguous chunks; each chunk configures the tile registers once (``ldtilecfg``: 200 cycles
 here, as much as a tile's work at batch 1) and puts the thread's previous configuration back when it is done
-(:func:`_with_tiles`: ONNX Runtime, in the same process, keeps its own per thread). The integers are the same as the NCHW conv2d's (an exact int32 sum in
-another order): bit-identical to the VNNI kernels.
+(:func:`_with_tiles`: ONNX Runtime, in the same process, keeps its own per thread). The conv2d's integers are
+the same as the NCHW conv2d's (an exact int32 sum in another order); the float epilogue rounds as its vectorized
+code does, and the AMX layout quantizes by the inverse scale (:func:`passes.vnni._quantized`), so a requantized
+activation can differ from the VNNI build's by one step where a value sits on a rounding tie.
 
 Linux gives a process the tile state only once it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``);
 every kernel asks at entry (one cheap syscall, idempotent), so an artifact runs in any process that loads it.

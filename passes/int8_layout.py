@@ -140,6 +140,9 @@ class _Packer(BindingMutator):
                  uint8_residual: bool = True):
         super().__init__(mod)
         self.chains, self.skip, self.isa = chains, skip, isa
+        # AMX: quantize by the inverse scale (passes.vnni._quantized), what the tile kernels' epilogue is bound by;
+        # the VNNI and AVX2 layouts keep R.quantize's division (their tuned records were made with it)
+        self.reciprocal = isa == "amx"
         self.fuse_quantize, self.uint8_residual = fuse_quantize, uint8_residual
         self.uint8_of = {}  # original NCHW float var -> (its uint8 NCHW[ob]c quantize, scale): residual adds read it
         self.fused = self.residuals = 0  # quantizes taken into a conv2d epilogue; residual adds reading uint8
@@ -188,7 +191,8 @@ class _Packer(BindingMutator):
                 # quantized where it is made (FuseOps puts the quantize into the producing conv's epilogue), then
                 # padded and re-blocked at 1 byte an element: the float activation is never written; a residual
                 # add that reads it too reads the uint8 tensor, dequantized in its own conv's epilogue
-                q = self.builder_.emit_te(vnni.quantize_packed, src[0], scale, primfunc_name_hint=vnni.QUANTIZE_NAME)
+                q = self.builder_.emit_te(vnni.quantize_packed, src[0], scale, reciprocal=self.reciprocal,
+                                          primfunc_name_hint=vnni.QUANTIZE_NAME)
                 xp = self.builder_.emit_te(vnni.pad_repack, q, int(ic), ic_bn, padding,
                                            primfunc_name_hint=vnni.PAD_NAME)
                 self.fused += 1
@@ -197,6 +201,7 @@ class _Packer(BindingMutator):
             else:
                 src = src[0] if src is not None else self._float_packed(c.x)
                 xp = self.builder_.emit_te(vnni.quantize_repack, src, scale, int(ic), ic_bn, padding,
+                                           reciprocal=self.reciprocal,
                                            primfunc_name_hint=vnni.REPACK_NAME)
             self.quantized[key] = xp
         acc = self.builder_.emit_te(vnni.conv2d_nchwc_int8, xp, _const(vnni.pack_weight(c.wq, self.isa)),

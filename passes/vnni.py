@@ -399,14 +399,16 @@ def unpack(y, channels: int):
     return te.compute((n, int(channels), h, w), lambda b, c, i, j: y[b, c // ocb, i, j, c % ocb], name="unpack")
 
 
-def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: str = "uint8"):
+def quantize_repack(xp, scale, channels: int, ic_bn: int, padding, out_dtype: str = "uint8",
+                    reciprocal: bool = False):
     """TE: quantize a float tensor that is NCHW[ob]c (``xp``: ``(N, C/ob, H, W, ob)``, the first ``channels``
     real; :func:`pack_float` makes one of an NCHW tensor) to ``clip(round(x / scale), qmin, qmax)``, zero point 0
     (exactly what ``R.quantize`` lowers to), laid out NCHW[ic_bn]c for the next conv, with its spatial zero padding
     (``padding``: top, left, bottom, right) and zero channels up to whole blocks. Reads ``xp`` in its own layout, so
     the kernel streams contiguous memory. ``scale``: a ``(1,)`` float32 tensor, so the kernel does not depend on
     the calibration (one tuned kernel serves every checkpoint of the same shapes)."""
-    return _repacked(xp, int(channels), ic_bn, padding, lambda v: _quantized(v, scale, out_dtype), out_dtype,
+    return _repacked(xp, int(channels), ic_bn, padding, lambda v: _quantized(v, scale, out_dtype, reciprocal),
+                     out_dtype,
                      "quantize_repack")
 
 
@@ -429,21 +431,27 @@ def _repacked(src, channels: int, ic_bn: int, padding, value, out_dtype: str, na
     return te.compute(shape, f, name=name)
 
 
-def _quantized(x, scale, out_dtype: str):
-    """``clip(round(x / scale[0]), qmin, qmax)`` as ``out_dtype``: R.quantize with zero point 0."""
+def _quantized(x, scale, out_dtype: str, reciprocal: bool = False):
+    """``clip(round(x / scale[0]), qmin, qmax)`` as ``out_dtype``: R.quantize with zero point 0. ``reciprocal``:
+    ``x * (1 / scale[0])`` instead (LLVM hoists the one division out of the loop), as OpenVINO's and oneDNN's
+    quantize multiply by an inverse scale: a 16-lane ``vdivps`` costs ~10 cycles against the multiply's 0.5, and
+    in the AMX kernels the division was 28 % of the first stage's conv2d kernel at batch 64 (``benchmarks/amx.md``);
+    the result differs from the division's only where ``x / scale`` is within an ulp of a rounding tie."""
     from tvm import te, tirx
 
     lo, hi = tirx.min_value(out_dtype), tirx.max_value(out_dtype)
-    return te.max(te.min(te.round(x / scale[0]), hi), lo).astype(out_dtype)
+    q = x * (tirx.const(1.0, "float32") / scale[0]) if reciprocal else x / scale[0]
+    return te.max(te.min(te.round(q), hi), lo).astype(out_dtype)
 
 
-def quantize_packed(y, scale, out_dtype: str = "uint8"):
+def quantize_packed(y, scale, out_dtype: str = "uint8", reciprocal: bool = False):
     """TE: the elementwise half of :func:`quantize_repack`, in ``y``'s own NCHW[ob]c layout: the same integers,
     1 byte an element. Elementwise, so FuseOps puts it into the epilogue of the conv2d that produced ``y``; the
     float activation is then never written. ``scale``: a ``(1,)`` float32 tensor (as in quantize_repack)."""
     from tvm import te
 
-    return te.compute(tuple(y.shape), lambda *i: _quantized(y[i], scale, out_dtype), name="quantize_packed")
+    return te.compute(tuple(y.shape), lambda *i: _quantized(y[i], scale, out_dtype, reciprocal),
+                      name="quantize_packed")
 
 
 def pad_repack(q, channels: int, ic_bn: int, padding):

@@ -39,7 +39,7 @@ def _conv(n, ic, hw, oc, stride=1, k=3, isa="amx", epilogue=True):
     scale = te.placeholder((1,), "float32", name="scale")
     real = te.compute(acc.shape, lambda b, o, y, x, c: te.max(
         acc[b, o, y, x, c].astype("float32") * requant[0, o, 0, 0, c] + bias[0, o, 0, 0, c], 0.0), name="real")
-    out = vnni.quantize_packed(real, scale)
+    out = vnni.quantize_packed(real, scale, reciprocal=isa == "amx")  # as Int8Layout emits it for AMX
     return te.create_prim_func([data, kern, requant, bias, scale, out])
 
 

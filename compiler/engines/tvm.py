@@ -39,6 +39,7 @@ class TVM(Engine):
 def tuning_note(manifest: dict) -> str:
     t = manifest.get("tuning") or {}
     where = [w for w in (t.get("database"), (t.get("library") or {}).get("database")) if w]
+    amx = f"; {t['amx_conv2d']} conv2d kernels on AMX tiles" if t.get("amx_conv2d") else ""
     if where:
-        return f"tuned ({t.get('tasks_applied')}/{t.get('tasks')} kernels, {' + '.join(where)})"
-    return "untuned"
+        return f"tuned ({t.get('tasks_applied')}/{t.get('tasks')} kernels, {' + '.join(where)}{amx})"
+    return "untuned" + amx
