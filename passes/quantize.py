@@ -152,7 +152,7 @@ class Layer:
 
 def _nonneg_vars(func: relax.Function) -> set:
     """Vars of ``func`` whose value is provably >= 0 everywhere (a forward pass over the bindings)."""
-    out = set()
+    out, tuples = set(), {}
 
     def nn(e) -> bool:
         if isinstance(e, relax.Var):
@@ -177,8 +177,15 @@ def _nonneg_vars(func: relax.Function) -> set:
                 ok = nn(v.args[0]) and float(v.attrs.pad_value) >= 0
             elif name in ("relax.add", "relax.multiply", "relax.maximum"):
                 ok = nn(v.args[0]) and nn(v.args[1])
-            elif name == "relax.concat" and isinstance(v.args[0], relax.Tuple):
-                ok = all(nn(f) for f in v.args[0].fields)
+            elif isinstance(v, relax.Tuple):  # normal form binds a concat's operands as a tuple first
+                tuples[b.var] = v
+                ok = all(nn(f) for f in v.fields)
+            elif isinstance(v, relax.TupleGetItem):  # e.g. max_pool2d's (values, indices) pair from torch.export
+                t = tuples.get(v.tuple_value) if isinstance(v.tuple_value, relax.Var) else v.tuple_value
+                ok = isinstance(t, relax.Tuple) and nn(t.fields[v.index])
+            elif name == "relax.concat":
+                args = v.args[0]
+                ok = all(nn(f) for f in args.fields) if isinstance(args, relax.Tuple) else nn(args)
             if ok:
                 out.add(b.var)
     return out

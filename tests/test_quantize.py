@@ -696,3 +696,33 @@ def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(got, _run(q.quantize(mod, cal, q.QuantConfig(keep=()))[0], x))
+
+
+def test_nonneg_analysis_sees_through_tuples_max_pool_indices_and_concat():
+    """GoogLeNet: torch.export's max_pool2d comes as ``(values, indices)[0]`` and a concat takes a bound tuple; a
+    ReLU output through them is still provably >= 0 (so its conv2d gets uint8 and the packed x86 layout); a value
+    through the same shapes from a signed input is not."""
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((1, 4, 8, 8), "float32")):
+            with R.dataflow():
+                a = R.nn.relu(x)
+                p = R.nn.max_pool2d(a, pool_size=[3, 3], padding=[1, 1, 1, 1])
+                pair = (p, x)
+                got = pair[0]
+                signed = pair[1]
+                both = (got, a)
+                cat = R.concat(both, axis=1)
+                mixed = (got, x)
+                cat_signed = R.concat(mixed, axis=1)
+                R.output(cat, cat_signed, signed)
+            return (cat, cat_signed, signed)
+
+    func = Module["main"]
+    names = {str(v.name) for v in q._nonneg_vars(func)}
+    assert {"a", "p", "got", "cat"} <= names
+    assert not names & {"signed", "cat_signed"}
