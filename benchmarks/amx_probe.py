@@ -13,7 +13,6 @@ measures what an AMX class could gain (``benchmarks/amx_probe.md``).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import time
 from pathlib import Path
@@ -21,22 +20,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
-
-
-def cpu_flags() -> set:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def request_amx() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
-        raise SystemExit(f"error: the kernel refused the AMX tile state (errno {ctypes.get_errno()})")
-
 
 def tile_kernel():
     from tvm.script import tirx as T
@@ -74,7 +57,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=100_000)
     args = p.parse_args(argv)
-    missing = {"amx_tile", "amx_int8"} - cpu_flags()
+    from targets import x86
+
+    missing = {"amx_tile", "amx_int8"} - (x86.cpu_flags() or frozenset())
     if missing:
         print(f"this CPU has no AMX ({', '.join(sorted(missing))} missing): nothing to probe")
         return 0
@@ -82,7 +67,8 @@ def main(argv=None) -> int:
 
     from compiler import console
 
-    request_amx()
+    if not x86.request_amx():
+        raise SystemExit("error: Linux refused this process the AMX tile state (arch_prctl; Linux 5.16 or later)")
     lib = tvm.compile(tile_kernel(), target=tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"}))
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (16, 64), dtype=np.uint8)

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
             times[name].append(bench.time_tvm(executable, args.batch, 10, number, 3)["median_ms"])
     base = float(np.median(times["VNNI (x86-64-v4-vnni)"]))
     rows = [{"build": k, "median_ms": float(np.median(v)), "vs_vnni": f"{base / float(np.median(v)):.2f}x",
-             "images_per_s": round(args.batch * 1e3 / float(np.median(v))), "rounds_ms": " ".join(f"{x:.3f}" for x in v)}
+             "images_per_s": round(args.batch * 1e3 / float(np.median(v))),
+             "rounds_ms": " ".join(f"{x:.3f}" for x in v)}
             for k, v in times.items()]
     print(console.table(rows, ["build", "median_ms", "vs_vnni", "images_per_s", "rounds_ms"],
                         title=f"shipped resnet56 int8, batch {args.batch}, {args.threads} thread(s), "

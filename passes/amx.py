@@ -34,10 +34,10 @@ import tvm
 from tvm import tirx
 
 from passes import vnni
+from passes.patterns import is_scheduled
 
-__all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "CHUNKS", "PARALLEL_MIN_MACS", "FEATURES"]
+__all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "is_amx_target", "CHUNKS", "PARALLEL_MIN_MACS"]
 
-FEATURES = ("amx-tile", "amx-int8")  # the LLVM features the kernels need (the target's mattr)
 CHUNKS = 16  # contiguous tile chunks of a parallel kernel: each configures the tiles once
 PARALLEL_MIN_MACS = 1 << 21  # a kernel below this many multiply-adds (~2 us of tiles) runs on one thread
 MAX_K = 64  # bytes in a tile row
@@ -224,15 +224,12 @@ def schedule_amx_conv2d(func: tirx.PrimFunc, chunks: int = CHUNKS, parallel_min_
         sch.reorder(b, o, y, xo, *group, xi)
         if epilogue is not None:
             sch.reverse_compute_at(epilogue, xo)
-            inner = sch.get_loops(epilogue)[-1]
-            if g.ob in (8, 16):
-                sch.vectorize(inner)
+            sch.vectorize(sch.get_loops(epilogue)[-1])  # the ob (8 or 16) channels of a tile row
         sch.blockize(group[0] if group else xi)
         fused = sch.fuse(b, o, y, xo)
         parallel = g.macs >= parallel_min_macs
         if parallel:
-            extent = g.n * (g.occ // g.to) * (g.oh // (2 if g.pair == "y" else 1)) * (g.ow // g.m // (2 if g.pair == "x" else 1))
-            outer, _ = sch.split(fused, [min(chunks, extent), None])
+            outer, _ = sch.split(fused, [min(chunks, int(sch.get(fused).extent)), None])
             sch.parallel(outer)
     except s_tir.ScheduleError:
         return None
@@ -296,9 +293,9 @@ def _rewrite(stmt, block_fn, for_fn):
 
 
 def is_amx_target(target) -> bool:
-    """Whether the LLVM ``target`` has the AMX int8 features (:data:`FEATURES`)."""
-    features = vnni._llvm_x86_features(target)
-    return features is not None and set(FEATURES) <= features
+    """Whether the LLVM ``target``'s best int8 ISA is AMX (:func:`passes.vnni.target_int8_isa`: the one the int8
+    layout was packed for)."""
+    return vnni.target_int8_isa(target) == "amx"
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleAmxConv2d")
@@ -314,8 +311,7 @@ class ScheduleAmxConv2d:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or vnni.CONV_NAME not in gv.name_hint:
                 continue
-            attrs = func.attrs or {}
-            if "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1:
+            if is_scheduled(func):
                 continue
             scheduled = schedule_amx_conv2d(func, self.chunks, self.parallel_min_macs)
             if scheduled is not None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
+from passes.patterns import is_scheduled
+
 __all__ = ["ApplyByAnchor", "by_anchor_block"]
 
 
@@ -34,11 +36,6 @@ def by_anchor_block(database):
         out.commit_tuning_record(ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target,
                                                           record.args_info))
     return out
-
-
-def _scheduled(func) -> bool:
-    attrs = func.attrs
-    return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyByAnchor")
@@ -57,7 +54,7 @@ class ApplyByAnchor:
         target = self.target if self.target is not None else tvm.target.Target.current()
         updates = {}
         for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             query = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             for db in self.databases:

@@ -142,7 +142,7 @@ class _Packer(BindingMutator):
         self.chains, self.skip, self.isa = chains, skip, isa
         # AMX: quantize by the inverse scale (passes.vnni._quantized), what the tile kernels' epilogue is bound by;
         # the VNNI and AVX2 layouts keep R.quantize's division (their tuned records were made with it)
-        self.reciprocal = isa == "amx"
+        self.reciprocal = vnni.ISAS[isa].inverse_scale
         self.fuse_quantize, self.uint8_residual = fuse_quantize, uint8_residual
         self.uint8_of = {}  # original NCHW float var -> (its uint8 NCHW[ob]c quantize, scale): residual adds read it
         self.fused = self.residuals = 0  # quantizes taken into a conv2d epilogue; residual adds reading uint8

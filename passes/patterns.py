@@ -1,11 +1,17 @@
 """Pattern helpers shared by the rewriting passes: what a Relax binding's value is (op name, constant, dtype,
-static shape)."""
+static shape), and whether a PrimFunc already has its schedule."""
 
 from __future__ import annotations
 
 import numpy as np
 import tvm
 from tvm import relax
+
+
+def is_scheduled(func) -> bool:
+    """Whether the PrimFunc ``func`` is marked ``tirx.is_scheduled`` (a record or a fixed schedule gave it one)."""
+    attrs = func.attrs
+    return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
 
 
 def op_name(expr) -> str | None:

@@ -21,6 +21,7 @@ import tvm
 from tvm import tirx
 
 from passes import vnni
+from passes.patterns import is_scheduled
 
 __all__ = ["ScheduleLayoutKernels", "is_layout_kernel", "schedule_injective", "PARALLEL_MIN_ELEMENTS"]
 
@@ -38,10 +39,7 @@ def is_layout_kernel(name: str, func) -> bool:
         return False
     if not any(k in name for k in _LAYOUT_NAMES):
         return False
-    attrs = func.attrs or {}
-    if "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1:
-        return False
-    return True
+    return not is_scheduled(func)
 
 
 def _extent(sch, loop) -> int | None:

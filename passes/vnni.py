@@ -58,6 +58,11 @@ class Isa:
     weight_max: int  # the largest |int8 weight| its kernels compute exactly
     features: frozenset  # the LLVM CPU features it needs
     instructions: str
+    # the layout's blocks and quantize: AMX takes up to 64 input channels a block (a 64-byte tile row), always 16
+    # output channels (a C tile row of 16 int32), and quantizes by the inverse scale (passes.amx: its epilogue)
+    ic_block_max: int = 16
+    oc_block_fixed: bool = False
+    inverse_scale: bool = False
 
 
 ISAS = {
@@ -65,7 +70,8 @@ ISAS = {
     # layout has the widest blocks a tile takes: 16 output channels (64-byte tile rows), up to 64 input channels
     "amx": Isa("AMX", {16: INTRIN_NAME, 8: INTRIN_NAME_8}, 127,
                frozenset({"amx-tile", "amx-int8", "avx512vnni", "avx512vl"}),
-               "tdpbusd tiles (AMX), vpdpbusd (zmm, ymm) where a tile does not fit"),
+               "tdpbusd tiles (AMX), vpdpbusd (zmm, ymm) where a tile does not fit",
+               ic_block_max=64, oc_block_fixed=True, inverse_scale=True),
     "vnni": Isa("VNNI", {16: INTRIN_NAME, 8: INTRIN_NAME_8}, 127, frozenset({"avx512vnni", "avx512vl"}),
                 "vpdpbusd (zmm, ymm)"),
     "avx512": Isa("AVX-512", {16: AVX512_NAME, 8: AVX2_NAME}, MADDUBS_WEIGHT_MAX, frozenset({"avx512bw", "avx2"}),
@@ -73,7 +79,6 @@ ISAS = {
     "avx2": Isa("AVX2", {8: AVX2_NAME}, MADDUBS_WEIGHT_MAX, frozenset({"avx2"}), "vpmaddubsw + vpmaddwd (ymm)"),
 }
 ISA_ORDER = ("amx", "vnni", "avx512", "avx2")  # best first
-AMX_IC_BLOCK = 64  # input channels per block on AMX: one 64-byte tile row
 
 
 def _intrinsic(lanes: int):
@@ -320,8 +325,7 @@ def ic_block(ic: int, isa: str = "vnni") -> tuple[int, int]:
     """``(ic_padded, ic_bn)``: input channels padded to a multiple of 4 and the channel block (a multiple of 4, at
     most 16 - at most 64 on AMX, a tile row - dividing ``ic_padded``)."""
     icp = -(-int(ic) // K_BLOCK) * K_BLOCK
-    top = AMX_IC_BLOCK if isa == "amx" else 16
-    for bn in range(top, 0, -K_BLOCK):
+    for bn in range(ISAS[isa].ic_block_max, 0, -K_BLOCK):
         if icp % bn == 0:
             return icp, bn
     raise AssertionError("unreachable: icp is a multiple of 4")
@@ -336,7 +340,7 @@ def oc_block(oc: int, isa: str = "vnni") -> int:
     has no 16-lane intrinsic: AVX2 has 8 int32 lanes)."""
     if 16 not in ISAS[isa].blocks:
         return 8
-    if isa == "amx":  # a C tile row is 16 int32: 8-blocks would halve every tile's work
+    if ISAS[isa].oc_block_fixed:  # AMX: a C tile row is 16 int32; 8-blocks would halve every tile's work
         return OC_BLOCK
     return 8 if _round_up(oc, 8) < _round_up(oc, 16) else OC_BLOCK
 

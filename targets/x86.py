@@ -31,7 +31,7 @@ CLASSES = {
     "x86-64-v4-amx": X86Class("x86-64-v4-amx", {"kind": "llvm", "mcpu": "x86-64-v4",
                                                 "mattr": ["+avx512vnni", "+amx-tile", "+amx-int8"]},
                               "amx", "AMX tdpbusd int8 tiles (conv2d), AVX-512 VNNI vpdpbusd (the rest)",
-                              "Intel Sapphire Rapids, Emerald Rapids, Granite Rapids (4th-gen Xeon Scalable and later)"),
+                              "Intel Sapphire Rapids, Emerald Rapids, Granite Rapids (Xeon Scalable gen 4 and later)"),
     "x86-64-v3": X86Class("x86-64-v3", {"kind": "llvm", "mcpu": "x86-64-v3"}, "avx2",
                           "AVX2 vpmaddubsw + vpmaddwd (ymm; 7-bit weights: vpmaddubsw saturates int16)",
                           "Intel Haswell ... Comet Lake / Alder Lake and later clients, AMD Zen 1-3"),
@@ -50,7 +50,8 @@ CPUINFO_FLAG = {
     "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
     "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
     "avx512vpopcntdq": "avx512_vpopcntdq", "avx512ifma": "avx512ifma", "avx512fp16": "avx512_fp16",
-    "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-int8": "amx_int8", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "sha": "sha_ni",
+    "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-int8": "amx_int8", "gfni": "gfni", "vaes": "vaes",
+    "vpclmulqdq": "vpclmulqdq", "sha": "sha_ni",
 }
 
 
@@ -76,9 +77,6 @@ def cpu_flags() -> frozenset | None:
     return frozenset()
 
 
-SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
-
-
 @functools.lru_cache(maxsize=1)
 def request_amx() -> bool:
     """Ask Linux for the AMX tile state for this process (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``;
@@ -88,6 +86,8 @@ def request_amx() -> bool:
 
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
+    from passes.amx import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA  # what the kernels ask too
+
     try:
         return ctypes.CDLL(None, use_errno=True).syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
     except (OSError, AttributeError):

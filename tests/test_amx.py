@@ -136,7 +136,8 @@ def test_the_amx_class_and_its_refusal_below_it():
 def test_vnni_records_serve_an_amx_build():
     from compiler.tuning import database
 
-    meta = {"target": {"name": "x86-64-v4-vnni", "tvm": {"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}}}
+    vnni_target = {"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}
+    meta = {"target": {"name": "x86-64-v4-vnni", "tvm": vnni_target}}
     how, why = database.target_match(meta, targets.get("x86-64-v4-amx"))
     assert why is None and "x86-64-v4-vnni" in how
     below = {"target": {"name": "x86-64-v4", "tvm": {"kind": "llvm", "mcpu": "x86-64-v4"}}}

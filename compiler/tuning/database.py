@@ -672,6 +672,8 @@ def tasks_applied(mod, spec, database, first=None) -> dict:
     import tvm_ffi
     from tvm import tirx
 
+    from passes.patterns import is_scheduled
+    from passes.vnni import CONV_NAME
     from targets.pipeline import pipeline
 
     target = spec.tvm_target()
@@ -683,13 +685,13 @@ def tasks_applied(mod, spec, database, first=None) -> dict:
         if not isinstance(func, tirx.PrimFunc):
             continue
         key = tvm_ffi.structural_hash(func.with_attr("global_symbol", "main"))
-        if _is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout, passes.amx): not a task
+        if is_scheduled(func):  # scheduled by the pipeline itself (passes.schedule_layout, passes.amx): not a task
             fixed.add(key)
-            if "conv2d_nchwc_int8" in gv.name_hint:  # a conv2d on AMX tiles
+            if CONV_NAME in gv.name_hint:  # a packed conv2d: on AMX tiles
                 amx.add(key)
             continue
         name, was = seen.get(key, (gv.name_hint, [False] * len(applied_mods)))
-        seen[key] = (name, [w or _is_scheduled(m[gv]) for w, m in zip(was, applied_mods)])
+        seen[key] = (name, [w or is_scheduled(m[gv]) for w, m in zip(was, applied_mods)])
     missing = sorted(name for name, ok in seen.values() if not ok[0])
     out = {"applied": len(seen) - len(missing), "tasks": len(seen), "missing": missing, "fixed": len(fixed),
            "fixed_amx": len(amx)}
@@ -707,11 +709,6 @@ def _apply(legal, target, database):
     database = open_database(database)  # registers the tensor intrinsics the traces replay with
     with target, database:
         return tvm.transform.Sequential(apply_database_passes(database))(legal)
-
-
-def _is_scheduled(func) -> bool:
-    attrs = func.attrs
-    return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
 
 
 def shown(path: str | os.PathLike) -> str:
