@@ -35,6 +35,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from passes import reports, vnni
+from passes.fuse_pad import PAD_ATTR
 from passes.binding_mutator import BindingMutator
 from passes.patterns import const as _const, dtype as _dtype, is_const as _is_const, op_name as _op_name, static_shape
 
@@ -194,7 +195,8 @@ class _Packer(BindingMutator):
                 q = self.builder_.emit_te(vnni.quantize_packed, src[0], scale, reciprocal=self.reciprocal,
                                           primfunc_name_hint=vnni.QUANTIZE_NAME)
                 xp = self.builder_.emit_te(vnni.pad_repack, q, int(ic), ic_bn, padding,
-                                           primfunc_name_hint=vnni.PAD_NAME)
+                                           primfunc_name_hint=vnni.PAD_NAME,
+                                           primfunc_attrs={PAD_ATTR: [*padding, int(ic)]})
                 self.fused += 1
                 if residual:
                     self.uint8_of[c.x] = (q, scale)

@@ -58,8 +58,9 @@ class Isa:
     weight_max: int  # the largest |int8 weight| its kernels compute exactly
     features: frozenset  # the LLVM CPU features it needs
     instructions: str
-    # the layout's blocks and quantize: AMX takes up to 64 input channels a block (a 64-byte tile row), always 16
-    # output channels (a C tile row of 16 int32), and quantizes by the inverse scale (passes.amx: its epilogue)
+    # the layout's blocks and quantize: AMX takes up to 64 input channels a block (a 64-byte tile row), 16 output
+    # channels (a C tile row of 16 int32; 8 where a conv has no more), and quantizes by the inverse scale
+    # (passes.amx: its epilogue)
     ic_block_max: int = 16
     oc_block_fixed: bool = False
     inverse_scale: bool = False
@@ -67,7 +68,8 @@ class Isa:
 
 ISAS = {
     # AMX: the conv2d kernels run on tiles (passes.amx, a fixed schedule); what it cannot run stays on VNNI. Its
-    # layout has the widest blocks a tile takes: 16 output channels (64-byte tile rows), up to 64 input channels
+    # layout has the widest blocks a tile takes: 16 output channels (64-byte tile rows; 8 for a conv of 8, where
+    # a 16-block would be half padding), up to 64 input channels
     "amx": Isa("AMX", {16: INTRIN_NAME, 8: INTRIN_NAME_8}, 127,
                frozenset({"amx-tile", "amx-int8", "avx512vnni", "avx512vl"}),
                "tdpbusd tiles (AMX), vpdpbusd (zmm, ymm) where a tile does not fit",
@@ -340,8 +342,8 @@ def oc_block(oc: int, isa: str = "vnni") -> int:
     has no 16-lane intrinsic: AVX2 has 8 int32 lanes)."""
     if 16 not in ISAS[isa].blocks:
         return 8
-    if ISAS[isa].oc_block_fixed:  # AMX: a C tile row is 16 int32; 8-blocks would halve every tile's work
-        return OC_BLOCK
+    if ISAS[isa].oc_block_fixed:  # AMX: a C tile row is 16 int32; 8-blocks would halve every tile's work,
+        return 8 if oc <= 8 else OC_BLOCK  # unless there are only 8 channels: then half of a 16-block is padding
     return 8 if _round_up(oc, 8) < _round_up(oc, 16) else OC_BLOCK
 
 

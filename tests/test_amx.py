@@ -121,6 +121,7 @@ def test_the_amx_layout_has_tile_sized_blocks():
     assert vnni.ic_block(56, "amx") == (56, 56) and vnni.ic_block(128, "amx") == (128, 64)
     assert vnni.ic_block(56, "vnni") == (56, 8)
     assert vnni.oc_block(24, "amx") == 16 and vnni.oc_block(24, "vnni") == 8  # a C tile row is 16 int32
+    assert vnni.oc_block(8, "amx") == 8  # ... unless the conv has only 8: a 16-block would be half padding
 
 
 def test_the_amx_class_and_its_refusal_below_it():
@@ -146,7 +147,8 @@ def test_vnni_records_serve_an_amx_build():
 
 @needs_amx
 @pytest.mark.parametrize("n,ic,hw,oc,stride", [(2, 16, 32, 16, 1), (1, 8, 32, 16, 1), (2, 64, 8, 64, 1),
-                                               (1, 16, 32, 32, 2), (1, 128, 8, 32, 1), (1, 40, 16, 24, 1)])
+                                               (1, 16, 32, 32, 2), (1, 128, 8, 32, 1), (1, 40, 16, 24, 1),
+                                               (1, 16, 32, 8, 1)])
 def test_amx_conv2d_equals_numpy(n, ic, hw, oc, stride):
     rng = np.random.default_rng(0)
     func = _conv(n, ic, hw, oc, stride, epilogue=False)
@@ -157,7 +159,8 @@ def test_amx_conv2d_equals_numpy(n, ic, hw, oc, stride):
 
 
 @needs_amx
-@pytest.mark.parametrize("n,ic,hw,oc,stride", [(4, 16, 32, 16, 1), (1, 64, 8, 64, 1), (2, 32, 16, 64, 2)])
+@pytest.mark.parametrize("n,ic,hw,oc,stride", [(4, 16, 32, 16, 1), (1, 64, 8, 64, 1), (2, 32, 16, 64, 2),
+                                               (1, 16, 32, 8, 1)])
 def test_fused_amx_kernel_equals_tvms_untuned_build(n, ic, hw, oc, stride):
     from passes.parallel_fallback import ParallelFallback
 

@@ -87,7 +87,8 @@ def test_fused_quantize_before_expected():
         y1 = packed_conv(bb, xp, w1, b1, s1)  # 16 channels: one 16-block
         bb.emit_te(vnni.unpack, y1, 16, primfunc_name_hint=vnni.UNPACK_NAME)  # conv2d1's NCHW value: no reader
         qy = bb.emit_te(vnni.quantize_packed, y1, _c([s2]), primfunc_name_hint=vnni.QUANTIZE_NAME)
-        xp = bb.emit_te(vnni.pad_repack, qy, 16, 16, [1, 1, 1, 1], primfunc_name_hint=vnni.PAD_NAME)
+        xp = bb.emit_te(vnni.pad_repack, qy, 16, 16, [1, 1, 1, 1], primfunc_name_hint=vnni.PAD_NAME,
+                        primfunc_attrs={"vnni_pad": [1, 1, 1, 1, 16]})
         y2 = packed_conv(bb, xp, w2, b2, s2)  # 8 channels: one 8-block
         y2 = bb.emit_te(vnni.unpack, y2, 8, primfunc_name_hint=vnni.UNPACK_NAME)
         return bb.emit(op.mean(y2, axis=[-1, -2], keepdims=True))

@@ -1,0 +1,264 @@
+"""FusePadIntoProducer: a packed int8 conv2d writes its uint8 output straight into the zero-padded tensor the next
+conv2d reads, so the padding kernel between them goes away.
+
+:class:`passes.int8_layout.Int8Layout` quantizes an activation in the epilogue of the conv2d that makes it
+(``vnni_quantize_packed``, NCHW[ob]c) and pads it for the next conv2d in a kernel of its own (``vnni_pad_repack``:
+NCHW[ic_bn]c with the conv's spatial zero padding). At batch 1 that kernel moves a few kilobytes: its cost is the
+call itself, and a residual network has one per conv2d (51 of the pruned ResNet56's 116 kernel calls). Where the
+unpadded tensor ``q`` sits in the padded one ``p`` at fixed strides - one channel block of ``p`` holding all of
+``q``'s (``ic_bn = OB * ob``) or the same blocks (``ic_bn = ob``), and no zero channels to add - ``q`` is a strided
+view of ``p``'s interior. Then, after every schedule is applied (tuned, fixed or fallback), this pass:
+
+- gives the producing kernel ``p`` as its output buffer: its body writes the view (the same stores, other
+  strides), and a few loops at its start write the zero border (the padding rows and columns) - so the producer
+  writes exactly what the padding kernel wrote;
+- gives every other reader of ``q`` (a residual add fused into a later conv2d's epilogue reads the block input
+  in uint8) ``p`` in its place, read through the same view;
+- drops the padding kernel.
+
+The values every kernel computes are unchanged (bit-identical logits; ``tests/test_fuse_pad.py``); each rewritten
+kernel is a new PrimFunc (``<name>_padded``), the original stays for call sites that keep it. Kernels that read
+``q`` otherwise than by loads in their blocks (a pointer into it, a tensor intrinsic's operand) keep the pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from passes import vnni
+
+__all__ = ["FusePadIntoProducer", "PAD_ATTR", "View", "view_of", "with_view_param"]
+
+# the attribute Int8Layout gives each vnni_pad_repack PrimFunc: [top, left, bottom, right, real channels]
+PAD_ATTR = "vnni_pad"
+
+
+@dataclass(frozen=True)
+class View:
+    """Where a packed tensor of ``shape`` (N, OB, H, W, ob) lies in the padded tensor of ``padded``
+    (N, ICB, H + top + bottom, W + left + right, ic_bn): element strides and offset of the interior."""
+
+    shape: tuple
+    padded: tuple
+    top: int
+    left: int
+    strides: tuple
+    offset: int
+
+    def border(self) -> list[tuple[int, int, int, int]]:
+        """The padding of one channel block as (y0, y1, x0, x1) strips: rows above and below, then the columns
+        left and right of the interior rows."""
+        _, _, h, w, _ = self.shape
+        _, _, hp, wp, _ = self.padded
+        strips = [(0, self.top, 0, wp), (self.top + h, hp, 0, wp),
+                  (self.top, self.top + h, 0, self.left), (self.top, self.top + h, self.left + w, wp)]
+        return [s for s in strips if s[1] > s[0] and s[3] > s[2]]
+
+
+def view_of(shape, padded, pad) -> View | None:
+    """The :class:`View` of a packed (N, OB, H, W, ob) tensor inside the padded (N, ICB, Hp, Wp, ic_bn) tensor
+    ``vnni_pad_repack`` makes of it with ``pad`` = [top, left, bottom, right, channels]; None where the interior is
+    not a strided view (a channel block of ``p`` spans part of several of ``q``'s, or ``p`` has zero channels the
+    producer does not write)."""
+    n, ob_count, h, w, ob = (int(d) for d in shape)
+    n2, ib_count, hp, wp, ic_bn = (int(d) for d in padded)
+    top, left, bottom, right, channels = (int(v) for v in pad)
+    if n != n2 or hp != h + top + bottom or wp != w + left + right or min(top, left, bottom, right) < 0:
+        return None
+    if channels != ib_count * ic_bn or channels > ob_count * ob:
+        return None
+    plane = hp * wp * ic_bn
+    if ib_count == 1 and ob_count * ob == ic_bn:  # every block of q side by side in p's one block
+        o_stride = ob
+    elif ic_bn == ob and ib_count == ob_count:  # the same blocks
+        o_stride = plane
+    else:
+        return None
+    strides = (ib_count * plane, o_stride, wp * ic_bn, ic_bn, 1)
+    return View(tuple(int(d) for d in shape), tuple(int(d) for d in padded), top, left, strides,
+                (top * wp + left) * ic_bn)
+
+
+def _i64(v: int):
+    return tirx.IntImm("int64", int(v))
+
+
+def _zero_border(p: tirx.Buffer, view: View) -> tirx.Stmt:
+    """Loops writing 0 to ``p``'s padding, the channel block vectorized (the batch loop parallel at batch 16+)."""
+    n, ib_count, _, _, ic_bn = view.padded
+    zero = tirx.const(0, str(p.dtype))
+    stmts = []
+    for y0, y1, x0, x1 in view.border():
+        b, cb, y, x, c = (tirx.Var(name, "int64") for name in ("b", "cb", "y", "x", "c"))
+        body = tirx.BufferStore(p, zero, [b, cb, y + _i64(y0), x + _i64(x0), c])
+        for var, extent, kind in ((c, ic_bn, tirx.ForKind.VECTORIZED), (x, x1 - x0, tirx.ForKind.SERIAL),
+                                  (y, y1 - y0, tirx.ForKind.SERIAL), (cb, ib_count, tirx.ForKind.SERIAL),
+                                  (b, n, tirx.ForKind.PARALLEL if n >= 16 else tirx.ForKind.SERIAL)):
+            body = tirx.For(var, _i64(0), _i64(extent), kind, body)
+        stmts.append(body)
+    return tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
+
+
+def with_view_param(func: tirx.PrimFunc, index: int, view: View, output: bool) -> tirx.PrimFunc:
+    """``func`` with parameter ``index`` (a packed (N, OB, H, W, ob) buffer) taking the padded tensor instead:
+    the body reads (``output`` False) or writes (True: and zeroes the border first) the interior through a strided
+    view of it (a ``DeclBuffer`` on the padded tensor's data)."""
+    import tvm_ffi
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    old = func.params[index]
+    padded = tirx.decl_buffer([_i64(d) for d in view.padded], str(old.dtype), name=f"{old.name}_padded")
+    interior = tirx.decl_buffer(list(old.shape), str(old.dtype), name=old.name,
+                                strides=[_i64(s) for s in view.strides], elem_offset=_i64(view.offset))
+    head = [tirx.DeclBuffer(interior, data=padded.data)] + ([_zero_border(padded, view)] if output else [])
+    # every use of the parameter's buffer var (loads, stores, block regions) becomes the view
+    body = tvm_ffi.structural_map(func.body, [(tirx.Var, lambda v: interior if v.same_as(old) else v)],
+                                  order="post")
+    if isinstance(body, SBlockRealize) and not body.block.iter_vars:  # inside the root block
+        root = body.block
+        body = SBlockRealize(body.iter_values, body.predicate,
+                             SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
+                                    tirx.SeqStmt(head + [root.body]), root.init, root.alloc_buffers,
+                                    root.match_buffers, root.annotations))
+    else:
+        body = tirx.SeqStmt(head + [body])
+    params = [padded if i == index else p for i, p in enumerate(func.params)]
+    return tirx.PrimFunc(params, body, func.ret_type, func.attrs)
+
+
+def _loads_only(func: tirx.PrimFunc, index: int) -> bool:
+    """Whether parameter ``index`` of ``func`` is accessed only by element loads and stores in its blocks (no
+    pointer into it, no tensor-intrinsic operand): then a strided view reads the same elements."""
+    name = func.params[index].name
+    text = func.script()
+    return not any(f"{marker}({name}[" in text or f"{marker}({name}," in text
+                   for marker in ("T.address_of", "T.match_buffer", "T.access_ptr", "T.tvm_access_ptr"))
+
+
+def _call_tir(expr):
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+        return expr.args[0], list(expr.args[1].fields)
+    return None
+
+
+def _plan(func: relax.Function, mod: tvm.IRModule):
+    """{q var: (p var, View)} of the pads of ``func`` that can go, and {call var: [(arg index, View)]} of the
+    kernels reading a dropped ``q``."""
+    calls, readers, escapes = {}, {}, set()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            call = _call_tir(value) if isinstance(binding, relax.VarBinding) else None
+            if call is None:
+                escapes.update(relax.analysis.free_vars(value))
+                continue
+            calls[binding.var] = call
+            for j, arg in enumerate(call[1]):
+                if isinstance(arg, relax.Var):
+                    readers.setdefault(arg, []).append((binding.var, j))
+                else:
+                    escapes.update(relax.analysis.free_vars(arg))
+    escapes.update(relax.analysis.free_vars(func.body.body))
+    pairs, consumers = {}, {}
+    for p, (gv, args) in calls.items():
+        pad = mod[gv] if isinstance(gv, tvm.ir.GlobalVar) else None
+        if not isinstance(pad, tirx.PrimFunc) or pad.attrs is None or PAD_ATTR not in pad.attrs or len(args) != 1:
+            continue
+        q = args[0]
+        if q in pairs:  # a second pad of the same tensor reads the first one's output through the view
+            continue
+        if q not in calls or q in escapes or not isinstance(q, relax.DataflowVar) \
+                or not isinstance(p, relax.DataflowVar):
+            continue
+        producer = mod[calls[q][0]]
+        if not isinstance(producer, tirx.PrimFunc) or len(producer.params) != len(calls[q][1]) + 1:
+            continue
+        shape, padded = _shape(q), _shape(p)
+        view = None if shape is None or padded is None else view_of(shape, padded, list(pad.attrs[PAD_ATTR]))
+        if view is None or str(q.ty.dtype) != str(p.ty.dtype):
+            continue
+        others = [(var, j) for var, j in readers.get(q, []) if not var.same_as(p)]
+        if len(others) + 1 != len(readers.get(q, [])):  # the pad reads q once
+            continue
+        if not all(_loads_only(mod[calls[var][0]], j) for var, j in others):
+            continue
+        pairs[q] = (p, view)
+        for var, j in others:
+            consumers.setdefault(var, []).append((j, view))
+    return pairs, consumers
+
+
+def _shape(var) -> tuple | None:
+    from passes.patterns import static_shape
+
+    ty = var.ty
+    return static_shape(ty.shape) if isinstance(ty, relax.TensorType) else None
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod, pairs, consumers):
+        super().__init__(mod)
+        self.mod, self.pairs, self.consumers = mod, pairs, consumers
+        self.drop = {p for p, _ in pairs.values()}
+        self.variants = {}
+        self.fused = 0
+
+    def _variant(self, gv, changes) -> tvm.ir.GlobalVar:
+        key = (gv, tuple((j, view, out) for j, view, out in changes))
+        if key not in self.variants:
+            func = self.mod[gv]
+            for j, view, out in changes:
+                func = with_view_param(func, j, view, out)
+            self.variants[key] = self.builder_.add_func(func, f"{gv.name_hint}_padded")
+        return self.variants[key]
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        var = binding.var
+        if var in self.drop:
+            return
+        call = _call_tir(binding.value)
+        changes = [(j, view, False) for j, view in self.consumers.get(var, [])]
+        out = self.pairs.get(var)
+        if call is None or (not changes and out is None):
+            return super().visit_var_binding_(binding)
+        gv, args = call
+        ty = binding.value.ty
+        if out is not None:
+            changes.append((len(args), out[1], True))
+            ty = out[0].ty
+        new = relax.call_tir(self._variant(gv, sorted(changes, key=lambda c: c[0])),
+                             relax.Tuple([self.visit_expr(a) for a in args]), ty)
+        emitted = self.builder_.emit(new, (out[0] if out is not None else var).name)
+        self.set_var_remap(var, emitted)
+        if out is not None:
+            self.set_var_remap(out[0], emitted)
+            self.fused += 1
+        return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="FusePadIntoProducer")
+class FusePadIntoProducer:
+    """Drop each ``vnni_pad_repack`` whose input is a strided view of its output (:func:`view_of`): the producer
+    writes the padded tensor, the other readers read it (see the module docstring). Run it on scheduled kernels."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        fused = 0
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            pairs, consumers = _plan(func, mod)
+            if not pairs:
+                continue
+            rewriter = _Rewriter(mod, pairs, consumers)
+            new = rewriter.visit_expr(func)
+            mod = rewriter.builder_.get()
+            mod[gv] = new
+            fused += rewriter.fused
+        if not fused:
+            return mod
+        return relax.transform.DeadCodeElimination()(mod)
