@@ -85,16 +85,12 @@ def _cpu_fallback():
 
 
 def _fuse_pads(target):
-    """On AMX and VNNI targets the packed int8 conv2d kernels write the next conv's zero-padded input themselves
-    (:mod:`passes.fuse_pad`); it runs on scheduled kernels, so every record and fixed schedule applies as before.
-    Not on the AVX2 / AVX-512BW layouts: there the tuned x86-64-v3 kernel of the first stage's conv2 took 24.7 us
-    writing through the view against 15.9 us (``benchmarks/pad_fusion.md``)."""
+    """On x86 the packed int8 conv2d kernels write the next conv's zero-padded input themselves
+    (:mod:`passes.fuse_pad`); it runs on scheduled kernels, so every record and fixed schedule applies as before."""
     from passes import vnni
     from passes.fuse_pad import FusePadIntoProducer
 
-    if vnni.target_int8_isa(target) in ("amx", "vnni"):
-        return [FusePadIntoProducer()]
-    return []
+    return [FusePadIntoProducer()] if vnni.target_int8_isa(target) is not None else []
 
 
 def _gpu_rules():

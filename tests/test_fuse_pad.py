@@ -134,12 +134,46 @@ def test_a_pad_that_is_not_a_view_stays():
     tvm.ir.assert_structural_equal(FusePadIntoProducer()(before), before)
 
 
-def test_only_the_amx_and_vnni_layouts_get_it():
+def test_x86_int8_targets_get_it_others_do_not():
     from targets.pipeline import _fuse_pads
 
-    assert _fuse_pads(targets.get("x86-64-v4-amx").tvm_target())
-    assert _fuse_pads(targets.get("x86-64-v4-vnni").tvm_target())
-    assert not _fuse_pads(targets.get("x86-64-v3").tvm_target())
+    for name in ("x86-64-v4-amx", "x86-64-v4-vnni", "x86-64-v4", "x86-64-v3"):
+        assert _fuse_pads(targets.get(name).tvm_target()), name
+    assert not _fuse_pads(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"}))
+
+
+def _flat_vectorized_producer(shape, lanes: int):
+    """The producer with its loops fused and vectorized ``lanes`` at a time across pixels, as a tuned epilogue
+    can be (x86-64-v3's records: 64 lanes over 8 pixels of 8 channels)."""
+    from tvm import s_tir
+
+    a, q = _producer(shape)
+    sch = s_tir.Schedule(te.create_prim_func([a, q]))
+    fused = sch.fuse(*sch.get_loops(sch.get_sblock("q")))
+    _, inner = sch.split(fused, [None, lanes])
+    sch.vectorize(inner)
+    return sch.mod["main"]
+
+
+def test_vectors_across_pixels_are_cut_into_channel_blocks():
+    """Through the view, a 64-lane vector over 8 pixels would be a scatter: it is cut into 8-lane vectors (one
+    channel block each), and the padded tensor still equals what the pad kernel wrote. A vector that is not a
+    whole number of blocks keeps the pad."""
+    from passes.fuse_pad import _viewable, _wide_loops
+
+    shape, padded, pad = (1, 2, 4, 4, 8), (1, 1, 6, 6, 16), [1, 1, 1, 1, 16]
+    func = _flat_vectorized_producer(shape, 64)
+    assert _viewable(func, 1, 8)
+    rewritten = with_view_param(func, 1, view_of(shape, padded, pad), output=True)
+    assert not _wide_loops(rewritten, "q", 8) and "T.vectorized(8)" in rewritten.script()
+    lib = tvm.compile(rewritten, target="llvm")
+    x = np.random.default_rng(2).integers(0, 200, shape).astype(U8)
+    got = tvm.runtime.tensor(np.full(padded, 7, U8))
+    lib(tvm.runtime.tensor(x), got)
+    want = np.zeros(padded, U8)
+    want[0, 0, 1:5, 1:5, :] = (x + 1).transpose(0, 2, 3, 1, 4).reshape(4, 4, 16)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert not _viewable(_flat_vectorized_producer((1, 1, 3, 4, 8), 12), 1, 8)
 
 
 def test_the_shipped_model_loses_its_pad_kernels_and_no_value_changes():
