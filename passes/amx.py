@@ -35,7 +35,7 @@ import tvm
 from tvm import tirx
 
 from passes import vnni
-from passes.patterns import is_scheduled
+from passes.patterns import i64, is_scheduled, with_root_body
 
 __all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "is_amx_target", "CHUNKS", "PARALLEL_MIN_MACS"]
 
@@ -69,12 +69,8 @@ def _i8(v: int):
     return tirx.IntImm("int8", v)
 
 
-def _i64(v):
-    return tirx.IntImm("int64", v) if isinstance(v, int) else v
-
-
 def _address(buf, indices):
-    return tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buf, [_i64(i) for i in indices]))
+    return tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buf, [i64(i) for i in indices]))
 
 
 def _region_buffer(region):
@@ -141,24 +137,24 @@ def _tile_body(g: _Geometry, b, o, y, x) -> tirx.Stmt:
     M pixels of the row, or the next row: ``g.pair``), every tap accumulated, stored into ``g.out``."""
     runs = [(y, x + i * g.m) if g.pair == "x" else (y + i, x) for i in range(g.ts)]
     tiles = [(oi, si) for oi in range(g.to) for si in range(g.ts)]
-    ic, kh, kw = (tirx.Var(name, "int64") if extent > 1 else _i64(0)
+    ic, kh, kw = (tirx.Var(name, "int64") if extent > 1 else i64(0)
                   for name, extent in zip(("ic", "kh", "kw"), g.taps()))
     step = []
     for si, (yy, xx) in enumerate(runs):
         step.append(_intrin("llvm.x86.tileloadd64", _i8(_A[si]),
-                            _address(g.data, [b, ic, yy * g.sh + kh, xx * g.sw + kw, 0]), _i64(g.sw * g.bn)))
+                            _address(g.data, [b, ic, yy * g.sh + kh, xx * g.sw + kw, 0]), i64(g.sw * g.bn)))
     for oi in range(g.to):
         step.append(_intrin("llvm.x86.tileloadd64", _i8(_B[oi]), _address(g.kern, [o + oi, ic, kh, kw, 0, 0, 0]),
-                            _i64(4 * g.ob)))
+                            i64(4 * g.ob)))
     for oi, si in tiles:
         step.append(_intrin("llvm.x86.tdpbusd", _i8(_C[oi * 2 + si]), _i8(_A[si]), _i8(_B[oi])))
     loops = tirx.SeqStmt(step)
     for var, extent in reversed(list(zip((ic, kh, kw), g.taps()))):
         if extent > 1:
-            loops = tirx.For(var, _i64(0), _i64(extent), tirx.ForKind.SERIAL, loops)
+            loops = tirx.For(var, i64(0), i64(extent), tirx.ForKind.SERIAL, loops)
     zero = [_intrin("llvm.x86.tilezero", _i8(_C[oi * 2 + si])) for oi, si in tiles]
     store = [_intrin("llvm.x86.tilestored64", _i8(_C[oi * 2 + si]),
-                     _address(g.out, [b, o + oi, runs[si][0], runs[si][1], 0]), _i64(4 * g.ob)) for oi, si in tiles]
+                     _address(g.out, [b, o + oi, runs[si][0], runs[si][1], 0]), i64(4 * g.ob)) for oi, si in tiles]
     return tirx.SeqStmt(zero + [loops] + store)
 
 
@@ -171,7 +167,7 @@ def _with_tiles(g: _Geometry, body: tirx.Stmt):
 
     cfg = tirx.decl_buffer((64,), "uint8", name="amx_tile_config", scope="local")
     saved = tirx.decl_buffer((64,), "uint8", name="amx_saved_config", scope="local")
-    stores = [tirx.BufferStore(cfg, tirx.IntImm("uint8", byte), [_i64(i)])
+    stores = [tirx.BufferStore(cfg, tirx.IntImm("uint8", byte), [i64(i)])
               for i, byte in enumerate(tile_config(g.m, g.k, 4 * g.ob))]
     seq = tirx.SeqStmt([_intrin("llvm.x86.sttilecfg", _address(saved, [0]))] + stores + [
         _intrin("llvm.x86.ldtilecfg", _address(cfg, [0])), body, _intrin("llvm.x86.ldtilecfg", _address(saved, [0]))])
@@ -181,8 +177,8 @@ def _with_tiles(g: _Geometry, body: tirx.Stmt):
 def _request_tile_state() -> tirx.Stmt:
     """``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`` through libc's ``syscall``: Linux keeps the tile
     state from a process until it asks (then the first tile instruction would be SIGILL)."""
-    return tirx.Evaluate(tirx.call_extern("int64", "syscall", _i64(SYS_ARCH_PRCTL), _i64(ARCH_REQ_XCOMP_PERM),
-                                          _i64(XFEATURE_XTILEDATA)))
+    return tirx.Evaluate(tirx.call_extern("int64", "syscall", i64(SYS_ARCH_PRCTL), i64(ARCH_REQ_XCOMP_PERM),
+                                          i64(XFEATURE_XTILEDATA)))
 
 
 def schedule_amx_conv2d(func: tirx.PrimFunc, chunks: int = CHUNKS, parallel_min_macs: int = PARALLEL_MIN_MACS):
@@ -245,57 +241,30 @@ def schedule_amx_conv2d(func: tirx.PrimFunc, chunks: int = CHUNKS, parallel_min_
 def _lower_tiles(func: tirx.PrimFunc, g: _Geometry, parallel: bool) -> tirx.PrimFunc:
     """The blockized conv2d tile's body replaced by the tile instructions; the tile configuration put at the top
     of each parallel chunk (or of the kernel); the tile-state request at its entry."""
-    from tvm.s_tir import SBlock, SBlockRealize
+    import tvm_ffi
+    from tvm.s_tir import SBlock
 
     tile_name = vnni.CONV_NAME + "_o"
 
-    def rewrite_block(stmt):
-        if isinstance(stmt, SBlock) and stmt.name_hint == tile_name:
-            region = stmt.writes[0].region
-            b, o, y, x = (r.min for r in region[:4])
-            return SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, _tile_body(g, b, o, y, x),
-                          None, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
-        return None
+    def rewrite_block(block):
+        if block.name_hint != tile_name:
+            return block
+        b, o, y, x = (r.min for r in block.writes[0].region[:4])
+        return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, _tile_body(g, b, o, y, x),
+                      None, block.alloc_buffers, block.match_buffers, block.annotations)
 
     placed = []
 
-    def configure(stmt):
-        if parallel and stmt.kind == tirx.ForKind.PARALLEL and not placed:
-            placed.append(stmt)
-            return _with_tiles(g, stmt.body)
-        return stmt.body
+    def configure(loop):
+        if not (parallel and loop.kind == tirx.ForKind.PARALLEL and not placed):
+            return loop
+        placed.append(loop)
+        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, _with_tiles(g, loop.body),
+                        loop.thread_binding, loop.annotations)
 
-    body = _rewrite(func.body, rewrite_block, configure)
-    root = body.block  # the root SBlockRealize
-    inner = root.body if placed else _with_tiles(g, root.body)
-    root = SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
-                  tirx.SeqStmt([_request_tile_state(), inner]), root.init, root.alloc_buffers, root.match_buffers,
-                  root.annotations)
-    return func.with_body(SBlockRealize(body.iter_values, body.predicate, root))
-
-
-def _rewrite(stmt, block_fn, for_fn):
-    """``stmt`` rebuilt with ``block_fn(block)`` (a new SBlock or None: kept, its body rewritten) and
-    ``for_fn(loop)`` (the loop's new body, given its rewritten one) applied: this TVM exposes no TIR mutator to
-    Python. Covers what a schedule of these kernels leaves: SBlockRealize, SBlock, For, SeqStmt."""
-    from tvm.s_tir import SBlock, SBlockRealize
-
-    if isinstance(stmt, SBlockRealize):
-        return SBlockRealize(stmt.iter_values, stmt.predicate, _rewrite(stmt.block, block_fn, for_fn))
-    if isinstance(stmt, SBlock):
-        new = block_fn(stmt)
-        if new is not None:
-            return new
-        return SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, _rewrite(stmt.body, block_fn, for_fn),
-                      stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
-    if isinstance(stmt, tirx.For):
-        inner = tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, _rewrite(stmt.body, block_fn, for_fn),
-                         stmt.thread_binding, stmt.annotations)
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, for_fn(inner), stmt.thread_binding,
-                        stmt.annotations)
-    if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([_rewrite(s, block_fn, for_fn) for s in stmt.seq])
-    return stmt
+    body = tvm_ffi.structural_map(func.body, [(SBlock, rewrite_block), (tirx.For, configure)], order="post")
+    return func.with_body(with_root_body(
+        body, lambda inner: tirx.SeqStmt([_request_tile_state(), inner if placed else _with_tiles(g, inner)])))
 
 
 def is_amx_target(target) -> bool:

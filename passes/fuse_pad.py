@@ -32,7 +32,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from passes import vnni
+from passes.patterns import i64, static_shape, with_root_body
 
 __all__ = ["FusePadIntoProducer", "PAD_ATTR", "View", "view_of", "with_view_param"]
 
@@ -86,10 +86,6 @@ def view_of(shape, padded, pad) -> View | None:
                 (top * wp + left) * ic_bn)
 
 
-def _i64(v: int):
-    return tirx.IntImm("int64", int(v))
-
-
 def _zero_border(p: tirx.Buffer, view: View) -> tirx.Stmt:
     """Loops writing 0 to ``p``'s padding, the channel block vectorized (the batch loop parallel at batch 16+)."""
     n, ib_count, _, _, ic_bn = view.padded
@@ -97,11 +93,11 @@ def _zero_border(p: tirx.Buffer, view: View) -> tirx.Stmt:
     stmts = []
     for y0, y1, x0, x1 in view.border():
         b, cb, y, x, c = (tirx.Var(name, "int64") for name in ("b", "cb", "y", "x", "c"))
-        body = tirx.BufferStore(p, zero, [b, cb, y + _i64(y0), x + _i64(x0), c])
+        body = tirx.BufferStore(p, zero, [b, cb, y + i64(y0), x + i64(x0), c])
         for var, extent, kind in ((c, ic_bn, tirx.ForKind.VECTORIZED), (x, x1 - x0, tirx.ForKind.SERIAL),
                                   (y, y1 - y0, tirx.ForKind.SERIAL), (cb, ib_count, tirx.ForKind.SERIAL),
                                   (b, n, tirx.ForKind.PARALLEL if n >= 16 else tirx.ForKind.SERIAL)):
-            body = tirx.For(var, _i64(0), _i64(extent), kind, body)
+            body = tirx.For(var, i64(0), i64(extent), kind, body)
         stmts.append(body)
     return tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
 
@@ -111,27 +107,19 @@ def with_view_param(func: tirx.PrimFunc, index: int, view: View, output: bool) -
     the body reads (``output`` False) or writes (True: and zeroes the border first) the interior through a strided
     view of it (a ``DeclBuffer`` on the padded tensor's data)."""
     import tvm_ffi
-    from tvm.s_tir import SBlock, SBlockRealize
 
     old = func.params[index]
     wide = _wide_loops(func, old.name, view.shape[-1])
     if wide:
         func = func.with_body(_split_vectors(func.body, wide, view.shape[-1]))
-    padded = tirx.decl_buffer([_i64(d) for d in view.padded], str(old.dtype), name=f"{old.name}_padded")
+    padded = tirx.decl_buffer([i64(d) for d in view.padded], str(old.dtype), name=f"{old.name}_padded")
     interior = tirx.decl_buffer(list(old.shape), str(old.dtype), name=old.name,
-                                strides=[_i64(s) for s in view.strides], elem_offset=_i64(view.offset))
+                                strides=[i64(s) for s in view.strides], elem_offset=i64(view.offset))
     head = [tirx.DeclBuffer(interior, data=padded.data)] + ([_zero_border(padded, view)] if output else [])
     # every use of the parameter's buffer var (loads, stores, block regions) becomes the view
     body = tvm_ffi.structural_map(func.body, [(tirx.Var, lambda v: interior if v.same_as(old) else v)],
                                   order="post")
-    if isinstance(body, SBlockRealize) and not body.block.iter_vars:  # inside the root block
-        root = body.block
-        body = SBlockRealize(body.iter_values, body.predicate,
-                             SBlock(root.iter_vars, root.reads, root.writes, root.name_hint,
-                                    tirx.SeqStmt(head + [root.body]), root.init, root.alloc_buffers,
-                                    root.match_buffers, root.annotations))
-    else:
-        body = tirx.SeqStmt(head + [body])
+    body = with_root_body(body, lambda inner: tirx.SeqStmt(head + [inner]))
     params = [padded if i == index else p for i, p in enumerate(func.params)]
     return tirx.PrimFunc(params, body, func.ret_type, func.attrs)
 
@@ -253,8 +241,6 @@ def _plan(func: relax.Function, mod: tvm.IRModule):
 
 
 def _shape(var) -> tuple | None:
-    from passes.patterns import static_shape
-
     ty = var.ty
     return static_shape(ty.shape) if isinstance(ty, relax.TensorType) else None
 

@@ -1,5 +1,5 @@
 """Pattern helpers shared by the rewriting passes: what a Relax binding's value is (op name, constant, dtype,
-static shape), and whether a PrimFunc already has its schedule."""
+static shape), whether a PrimFunc already has its schedule, and two TIR builders the kernel rewrites share."""
 
 from __future__ import annotations
 
@@ -45,3 +45,23 @@ def static_shape(shape) -> tuple | None:
 def const(arr: np.ndarray):
     """A Relax constant of a numpy array, with the array's dtype."""
     return relax.const(np.ascontiguousarray(arr), str(arr.dtype))
+
+
+def i64(v):
+    """An int64 TIR immediate of a Python int (anything else - an expression - as it is)."""
+    from tvm import tirx
+
+    return tirx.IntImm("int64", int(v)) if isinstance(v, (int, np.integer)) else v
+
+
+def with_root_body(body, fn):
+    """A PrimFunc body with ``fn`` applied to the statement inside its root block (to ``body`` itself where it has
+    no root block): how a rewrite puts statements at a kernel's entry."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    if isinstance(body, SBlockRealize) and not body.block.iter_vars:
+        root = body.block
+        return SBlockRealize(body.iter_values, body.predicate,
+                             SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, fn(root.body),
+                                    root.init, root.alloc_buffers, root.match_buffers, root.annotations))
+    return fn(body)
