@@ -456,8 +456,8 @@ def test_resnet20_int8_end_to_end(tiny_cifar):
 
 @pytest.mark.parametrize("lanes,register", [(16, "zmm"), (8, "ymm")])
 def test_vnni_intrinsic_builds_and_emits_vpdpbusd(lanes, register):
-    spec = targets.get("host")
-    if not _has_avx512vnni():
+    spec = _vnni_spec()
+    if spec is None:
         pytest.skip("this CPU has no avx512vnni")
     from tvm import s_tir
     from tvm.script import tirx as T
@@ -506,6 +506,15 @@ def _has_avx512vnni() -> bool:
     from passes import vnni
 
     return vnni.target_has_vnni(targets.get("host"))
+
+
+def _vnni_spec():
+    """The x86-64-v4-vnni class target where this CPU runs its code (an AMX CPU too, whose ``host`` packs for AMX
+    tiles instead), else None."""
+    from targets import x86
+
+    spec = targets.get("x86-64-v4-vnni")
+    return spec if x86.missing_features(spec.required_cpu_features()) == [] else None
 
 
 def test_vnni_layout_rewrite_before_expected():
@@ -651,12 +660,12 @@ def test_tuned_packed_conv_is_tensorized_with_vpdpbusd(tmp_path):
     """A short MetaSchedule run (the tune verb's tune_module: VNNI design space) on two small int8 convs, 16 -> 8
     (an 8-channel output block: ymm) and 8 -> 16 (zmm); the build applies the database (replaying the tensorize)
     and the library holds vpdpbusd on both register widths."""
-    if not _has_avx512vnni():
+    spec = _vnni_spec()
+    if spec is None:
         pytest.skip("this CPU has no avx512vnni: nothing to tensorize with vpdpbusd")
     from compiler.tuning import database
     from compiler.tuning.session import space_for, tune_module
 
-    spec = targets.get("host")
     assert space_for("int8", database.tune_target(spec)) != "post-order-apply"
     assert space_for("fp32", database.tune_target(spec)) == "post-order-apply"
     rng = np.random.default_rng(10)
