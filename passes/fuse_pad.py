@@ -33,6 +33,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from passes.patterns import i64, static_shape, with_root_body
+from passes.parallel_launch import BORDER_ANNOTATION
 
 __all__ = ["FusePadIntoProducer", "PAD_ATTR", "View", "view_of", "with_view_param"]
 
@@ -98,7 +99,9 @@ def _zero_border(p: tirx.Buffer, view: View) -> tirx.Stmt:
                                   (y, y1 - y0, tirx.ForKind.SERIAL), (cb, ib_count, tirx.ForKind.SERIAL),
                                   (b, n, tirx.ForKind.PARALLEL if n >= 16 else tirx.ForKind.SERIAL)):
             body = tirx.For(var, i64(0), i64(extent), kind, body)
-        stmts.append(body)
+        # marked for passes.parallel_launch: no store of the kernel's own touches the border
+        stmts.append(tirx.For(body.loop_var, body.min, body.extent, body.kind, body.body,
+                              annotations={BORDER_ANNOTATION: 1}))
     return tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
 
 

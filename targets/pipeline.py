@@ -15,7 +15,8 @@ built::
     lowering (to the target)                    legalize -> MetaScheduleApplyDatabase -> ApplyByAnchor (a database)
                                                   -> DLight
                                                   (CUDA: GPU rules; CPU: ParallelFallback, the untuned kernels'
-                                                  spatial loops on the thread pool) -> TVM's dataflow lowering
+                                                  spatial loops on the thread pool; x86 int8: FusePadIntoProducer;
+                                                  AMX: MergeParallelLaunches) -> TVM's dataflow lowering
                                                   and finalization
 
 int8 needs a calibration (:func:`passes.quantize.calibrate`, run on the fp32 module :meth:`Pipeline.fp32` makes)
@@ -91,6 +92,17 @@ def _fuse_pads(target):
     from passes.fuse_pad import FusePadIntoProducer
 
     return [FusePadIntoProducer()] if vnni.target_int8_isa(target) is not None else []
+
+
+def _merge_launches(target, precision: str):
+    """On AMX CPUs, the small kernels of an int8 module in one thread-pool launch per run (:mod:`passes.parallel_launch`):
+    batch 1 0.241 -> 0.203 ms at 1 thread, 0.256 -> 0.234 at 2. Not on the other x86 classes: there the tuned
+    kernels, outlined into one launch body, lost their speed (x86-64-v4-vnni batch 1: 0.435 -> 0.816 ms at 1
+    thread; ``benchmarks/parallel_launch.md``)."""
+    from passes import vnni
+    from passes.parallel_launch import MergeParallelLaunches
+
+    return [MergeParallelLaunches()] if precision == "int8" and vnni.target_int8_isa(target) == "amx" else []
 
 
 def _gpu_rules():
@@ -176,7 +188,8 @@ class Pipeline:
         db = open_database(database) if database is not None else None
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
         tuned = apply_database_passes(db) if db is not None else []
-        schedule = [_gpu_rules()] if spec.kind == "cuda" else [_cpu_fallback()] + _fuse_pads(target)
+        schedule = [_gpu_rules()] if spec.kind == "cuda" else \
+            [_cpu_fallback()] + _fuse_pads(target) + _merge_launches(target, self.precision)
 
         @tvm.transform.module_pass(opt_level=0, name=f"targets.pipeline.{spec.name}")
         def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

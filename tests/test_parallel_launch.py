@@ -1,0 +1,117 @@
+"""MergeParallelLaunches (issue 18 item 3): a run of small CPU kernels becomes one PrimFunc, one thread-pool launch
+with barriers between the kernels, and computes exactly what the separate kernels did, on one thread and on two."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, s_tir, te, tirx
+
+from compiler import threads
+from passes.parallel_launch import BARRIER, LAUNCH_POINT, MergeParallelLaunches, launchable
+
+SHAPE = (64, 64)
+
+
+def _kernel(fn, arity: int, parallel: bool) -> tirx.PrimFunc:
+    """An elementwise float32 kernel of ``arity`` inputs, scheduled: rows on the thread pool or serial."""
+    ins = [te.placeholder(SHAPE, "float32", name=f"a{i}") for i in range(arity)]
+    out = te.compute(SHAPE, lambda i, j: fn(*[a[i, j] for a in ins]), name="out")
+    sch = s_tir.Schedule(te.create_prim_func(ins + [out]))
+    i, j = sch.get_loops(sch.get_sblock("out"))
+    sch.vectorize(sch.split(j, [None, 16])[1])
+    if parallel:
+        sch.parallel(i)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+
+
+def _module(chain) -> tvm.IRModule:
+    """main(x) applying ``chain``: [(kernel, [indices of earlier values it reads; 0 is x])]."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(SHAPE), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            values = [x]
+            for k, (func, reads) in enumerate(chain):
+                gv = bb.add_func(func, f"k{k}")
+                values.append(bb.emit(relax.call_tir(gv, [values[r] for r in reads],
+                                                     relax.TensorType(list(SHAPE), "float32"))))
+            out = bb.emit_output(values[-1])
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod, x, n_threads):
+    ex = relax.build(mod, target=tvm.target.Target({"kind": "llvm"}))
+    threads.set_tvm(n_threads)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+
+
+def _calls(mod) -> list[str]:
+    names = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op) \
+                    and b.value.op.name == "relax.call_tir":
+                names.append(b.value.args[0].name_hint)
+    return names
+
+
+def test_a_chain_of_kernels_is_one_launch_and_computes_the_same():
+    double = _kernel(lambda a: a * 2.0, 1, True)
+    chain = [
+        (double, [0]),                                     # a = 2x
+        (_kernel(lambda a, b: a + b, 2, False), [1, 0]),   # b = a + x      (serial: the first thread's)
+        (_kernel(lambda a, b: a - b, 2, True), [2, 1]),    # c = b - a      (reads two earlier values)
+        (double, [3]),                                     # d = 2c         (the same kernel again)
+        (_kernel(lambda a, b: a * b, 2, True), [4, 2]),    # e = d * b
+    ]
+    before = _module(chain)
+    after = MergeParallelLaunches()(before)
+    assert _calls(after) == ["fused_launch"]
+    merged = after["fused_launch"]
+    text = merged.script()
+    assert text.count(LAUNCH_POINT) == 1 and text.count(BARRIER) == 4  # after each kernel but the last
+    # 5 kernels -> input x, output e, and slots for a..d: a, b live until e reads b; c and d reuse storage
+    slots = len(merged.params) - 2
+    assert 1 <= slots < 4
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype("float32")
+    a = 2 * x
+    b = a + x
+    want = (2 * (b - a)) * b
+    for n in (1, 2):
+        np.testing.assert_array_equal(_run(before, x, n), want)
+        np.testing.assert_array_equal(_run(after, x, n), want)
+
+
+def test_values_used_after_the_run_are_outputs_of_the_merged_kernel():
+    double = _kernel(lambda a: a * 2.0, 1, True)
+    chain = [(double, [0]), (double, [1]), (_kernel(lambda a, b: a + b, 2, True), [2, 1])]
+    after = MergeParallelLaunches()(_module(chain))
+    assert _calls(after) == ["fused_launch"]
+    x = np.arange(np.prod(SHAPE), dtype="float32").reshape(SHAPE)
+    for n in (1, 2):
+        np.testing.assert_array_equal(_run(after, x, n), 4 * x + 2 * x)
+
+
+def test_a_parallel_loop_under_a_serial_one_is_not_launchable():
+    ins = te.placeholder(SHAPE, "float32", name="a")
+    out = te.compute(SHAPE, lambda i, j: ins[i, j] + 1.0, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([ins, out]))
+    _, j = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(j)  # every thread would run the serial row loop and split each row
+    nested = sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+    assert not launchable(nested)
+    assert launchable(_kernel(lambda a: a + 1.0, 1, True))
+    assert not launchable(_kernel(lambda a: a + 1.0, 1, True).without_attr("tirx.is_scheduled"))
+    # and a chain through it is left as it was
+    chain = [(_kernel(lambda a: a * 2.0, 1, True), [0]), (nested, [1])]
+    assert _calls(MergeParallelLaunches()(_module(chain))) == ["k0", "k1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    yield
+    threads.set_tvm(threads.cores())
