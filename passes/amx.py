@@ -183,13 +183,9 @@ def _request_tile_state() -> tirx.Stmt:
 
 def is_tile_state_request(stmt) -> bool:
     """Whether ``stmt`` is the tile-state request :func:`_request_tile_state` makes (a process needs one)."""
-    if not isinstance(stmt, tirx.Evaluate) or not isinstance(stmt.value, tvm.ir.Call):
-        return False
-    call = stmt.value
-    return call.op.same_as(tvm.ir.Op.get("tirx.call_extern")) and len(call.args) == 4 \
-        and getattr(call.args[0], "value", None) == "syscall" and all(
-            isinstance(getattr(a, "value", None), int) and int(a.value) == v
-            for a, v in zip(call.args[1:], (SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)))
+    import tvm_ffi
+
+    return isinstance(stmt, tirx.Evaluate) and tvm_ffi.structural_equal(stmt, _request_tile_state())
 
 
 def schedule_amx_conv2d(func: tirx.PrimFunc, chunks: int = CHUNKS, parallel_min_macs: int = PARALLEL_MIN_MACS):

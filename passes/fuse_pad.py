@@ -32,7 +32,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from passes.patterns import i64, static_shape, with_root_body
+from passes.binding_mutator import rewrite_functions
+from passes.patterns import call_tir_parts, i64, static_shape, with_root_body
 from passes.parallel_launch import BORDER_ANNOTATION
 
 __all__ = ["FusePadIntoProducer", "PAD_ATTR", "View", "view_of", "with_view_param"]
@@ -141,9 +142,8 @@ def _wide_loops(func: tirx.PrimFunc, name: str, lanes: int) -> list:
                 narrow = False
             if not narrow:
                 wide.append(loop)
-        return loop
 
-    tvm_ffi.structural_map(func.body, [(tirx.For, visit)], order="post")
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)])
     return [loop for loop in wide if f"{name}[" in loop.script()]
 
 
@@ -188,12 +188,6 @@ def _split_vectors(body, wide: list, lanes: int):
     return tvm_ffi.structural_map(body, [(tirx.For, cut)], order="pre")
 
 
-def _call_tir(expr):
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-        return expr.args[0], list(expr.args[1].fields)
-    return None
-
-
 def _plan(func: relax.Function, mod: tvm.IRModule):
     """{q var: (p var, View)} of the pads of ``func`` that can go, and {call var: [(arg index, View)]} of the
     kernels reading a dropped ``q``."""
@@ -201,7 +195,7 @@ def _plan(func: relax.Function, mod: tvm.IRModule):
     for block in func.body.blocks:
         for binding in block.bindings:
             value = binding.value
-            call = _call_tir(value) if isinstance(binding, relax.VarBinding) else None
+            call = call_tir_parts(value) if isinstance(binding, relax.VarBinding) else None
             if call is None:
                 escapes.update(relax.analysis.free_vars(value))
                 continue
@@ -255,7 +249,7 @@ class _Rewriter(PyExprMutator):
         self.mod, self.pairs, self.consumers = mod, pairs, consumers
         self.drop = {p for p, _ in pairs.values()}
         self.variants = {}
-        self.fused = 0
+        self.changed = 0  # pads dropped
 
     def _variant(self, gv, changes) -> tvm.ir.GlobalVar:
         key = (gv, tuple((j, view, out) for j, view, out in changes))
@@ -270,7 +264,7 @@ class _Rewriter(PyExprMutator):
         var = binding.var
         if var in self.drop:
             return
-        call = _call_tir(binding.value)
+        call = call_tir_parts(binding.value)
         changes = [(j, view, False) for j, view in self.consumers.get(var, [])]
         out = self.pairs.get(var)
         if call is None or (not changes and out is None):
@@ -286,7 +280,7 @@ class _Rewriter(PyExprMutator):
         self.set_var_remap(var, emitted)
         if out is not None:
             self.set_var_remap(out[0], emitted)
-            self.fused += 1
+            self.changed += 1
         return None
 
 
@@ -296,18 +290,8 @@ class FusePadIntoProducer:
     writes the padded tensor, the other readers read it (see the module docstring). Run it on scheduled kernels."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        fused = 0
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
+        def rewriter(mod, func):
             pairs, consumers = _plan(func, mod)
-            if not pairs:
-                continue
-            rewriter = _Rewriter(mod, pairs, consumers)
-            new = rewriter.visit_expr(func)
-            mod = rewriter.builder_.get()
-            mod[gv] = new
-            fused += rewriter.fused
-        if not fused:
-            return mod
-        return relax.transform.DeadCodeElimination()(mod)
+            return _Rewriter(mod, pairs, consumers) if pairs else None
+
+        return rewrite_functions(mod, rewriter)

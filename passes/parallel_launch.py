@@ -36,11 +36,14 @@ AVX-512 kernels of x86-64-v4-vnni, outlined into one launch body, ran at half sp
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from passes.patterns import i64, is_scheduled
+from passes.binding_mutator import rewrite_functions
+from passes.patterns import call_tir_parts, i64, is_scheduled
 
 __all__ = ["MergeParallelLaunches", "launchable", "merge_kernels", "BORDER_ANNOTATION", "MAX_SCRATCH_BYTES",
            "MAX_KERNEL_BYTES"]
@@ -70,29 +73,17 @@ def _seq(stmts: list) -> tirx.Stmt:
     return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
 
 
-def _has_parallel(stmt) -> bool:
-    found = []
-
-    def visit(node):
-        if isinstance(node, tirx.For) and node.kind == tirx.ForKind.PARALLEL:
-            found.append(node)
-
-    _walk(stmt, visit)
-    return bool(found)
-
-
-def _walk(stmt, visit) -> None:
-    import tvm_ffi
-
-    def each(node):
-        visit(node)
-        return node
-
-    tvm_ffi.structural_map(stmt, [(tirx.For, each)], order="post")
-
-
 def _is_parallel_loop(stmt) -> bool:
     return isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.PARALLEL
+
+
+def _has_parallel(stmt) -> bool:
+    """Whether ``stmt`` has a ``parallel`` loop in it (itself included)."""
+    import tvm_ffi
+
+    found = []
+    tvm_ffi.structural_walk(stmt, [(tirx.For, lambda loop: found.append(loop) if _is_parallel_loop(loop) else None)])
+    return bool(found)
 
 
 def _is_border(stmt) -> bool:
@@ -108,14 +99,7 @@ def launchable(func) -> bool:
     root = _root(func)
     if root is None:
         return False
-    for stmt in _statements(root.body):
-        if _is_parallel_loop(stmt) or isinstance(stmt, tirx.DeclBuffer):
-            if _is_parallel_loop(stmt) and _has_parallel(stmt.body):
-                return False
-            continue
-        if _has_parallel(stmt):
-            return False
-    return True
+    return not any(_has_parallel(stmt.body if _is_parallel_loop(stmt) else stmt) for stmt in _statements(root.body))
 
 
 def _one_thread(stmts: list) -> tirx.Stmt:
@@ -130,9 +114,10 @@ def _barrier(stmt) -> tirx.Stmt:
 
 
 def _launch_parts(stmts: list, request) -> list:
-    """One kernel's top-level statements as launch statements: declarations as they are, runs of serial
-    statements on the first thread, a barrier after the kernel's last statement that computes (added by the
-    caller) and after each one but the zero border."""
+    """One kernel's top-level statements as launch statements: declarations as they are, the tile-state request
+    moved to ``request``, runs of serial statements on the first thread, and a barrier after each parallel loop
+    and each serial run but a run of zero-border loops followed by a parallel loop or by other serial statements
+    (:func:`merge_kernels` drops the run's last barrier)."""
     from passes import amx
 
     out, serial = [], []
@@ -203,7 +188,7 @@ def merge_kernels(funcs: list, args: list, outs: list, keep: list) -> tuple:
         b = canonical(out)
         if any(b.same_as(k) for k in out_bufs):
             continue
-        n, dtype = int(_elements(b)), str(b.dtype)
+        n, dtype = math.prod(int(d) for d in b.shape), str(b.dtype)
         j = next((j for j, (d, free_after) in enumerate(tenants) if d == dtype and free_after < i), None)
         if j is None:
             j = len(slots)
@@ -241,64 +226,48 @@ def merge_kernels(funcs: list, args: list, outs: list, keep: list) -> tuple:
     return func, ext, kept, [(n, dtype) for dtype, n in slots]
 
 
-def _elements(buf) -> int:
-    n = 1
-    for d in buf.shape:
-        n *= int(d)
-    return n
-
-
-def _call_tir(expr):
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-        return expr.args[0], list(expr.args[1].fields)
-    return None
-
-
-def _bytes(ty) -> int:
+def _launch_bytes(binding, mod) -> int | None:
+    """The bytes the kernel of ``binding`` writes, where it can join a run; None where it cannot."""
+    call = call_tir_parts(binding.value) if isinstance(binding, relax.VarBinding) else None
+    ty = binding.value.ty
+    if call is None or not isinstance(call[0], tvm.ir.GlobalVar) or not launchable(mod[call[0]]) \
+            or not isinstance(ty, relax.TensorType):
+        return None
     import numpy as np
 
-    return int(np.prod([int(d) for d in ty.shape.values])) * np.dtype(str(ty.dtype)).itemsize
+    size = math.prod(int(d) for d in ty.shape.values) * np.dtype(str(ty.dtype)).itemsize
+    return size if size <= MAX_KERNEL_BYTES else None
 
 
 def _runs(func: relax.Function, mod: tvm.IRModule) -> list:
     """[(bindings of a run, the vars of it used after it)] for each run of two or more launchable kernels."""
-    used_after = {}  # var -> index of its last use (bindings numbered through the function)
     flat = [b for block in func.body.blocks for b in block.bindings]
+    last_use = {}  # var -> index of the last binding using it (len(flat): the function's result)
     for i, binding in enumerate(flat):
         for v in relax.analysis.free_vars(binding.value):
-            used_after[v] = i
+            last_use[v] = i
     for v in relax.analysis.free_vars(func.body.body):
-        used_after[v] = len(flat)
-    runs, i = [], 0
+        last_use[v] = len(flat)
+    runs = []
+
+    def close(run, end):
+        if len(run) >= 2:
+            runs.append((run, [b.var for b in run if last_use.get(b.var, -1) >= end]))
+
+    start = 0
     for block in func.body.blocks:
-        if not isinstance(block, relax.DataflowBlock):
-            i += len(block.bindings)
-            continue
-        current, scratch = [], 0
-
-        def close():
-            if len(current) >= 2:
-                end = i
-                keep = [b.var for b in current if used_after.get(b.var, -1) >= end]
-                runs.append((list(current), keep))
-            current.clear()
-
-        for binding in block.bindings:
-            call = _call_tir(binding.value) if isinstance(binding, relax.VarBinding) else None
-            ok = call is not None and isinstance(call[0], tvm.ir.GlobalVar) and launchable(mod[call[0]]) \
-                and isinstance(binding.value.ty, relax.TensorType) and _bytes(binding.value.ty) <= MAX_KERNEL_BYTES
-            if ok and current:
-                scratch += _bytes(current[-1].value.ty)
-                if scratch > MAX_SCRATCH_BYTES:
-                    close()
-                    scratch = 0
-            if ok:
-                current.append(binding)
-            else:
-                close()
-                scratch = 0
-            i += 1
-        close()
+        if isinstance(block, relax.DataflowBlock):
+            run, written = [], 0
+            for i, binding in enumerate(block.bindings, start):
+                size = _launch_bytes(binding, mod)
+                if size is None or written > MAX_SCRATCH_BYTES:
+                    close(run, i)
+                    run, written = [], 0
+                if size is not None:
+                    run.append(binding)
+                    written += size
+            close(run, start + len(block.bindings))
+        start += len(block.bindings)
     return runs
 
 
@@ -309,7 +278,7 @@ class _Rewriter(PyExprMutator):
         self.mod = mod
         self.last = {run[-1].var: (run, keep) for run, keep in runs}
         self.inside = {b.var for run, _ in runs for b in run}
-        self.merged = 0
+        self.changed = 0  # kernels merged
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var = binding.var
@@ -318,7 +287,7 @@ class _Rewriter(PyExprMutator):
         if var not in self.last:
             return None
         run, keep = self.last[var]
-        calls = [_call_tir(b.value) for b in run]
+        calls = [call_tir_parts(b.value) for b in run]
         func, ext, kept, slots = merge_kernels([self.mod[gv] for gv, _ in calls], [a for _, a in calls],
                                                [b.var for b in run], keep)
         gv = self.builder_.add_func(func, "fused_launch")
@@ -330,7 +299,7 @@ class _Rewriter(PyExprMutator):
             tup = self.builder_.emit(call, "launch")
             for j, k in enumerate(kept):
                 self.set_var_remap(k, self.builder_.emit(relax.TupleGetItem(tup, j), k.name))
-        self.merged += len(run)
+        self.changed += len(run)
         return None
 
 
@@ -340,18 +309,8 @@ class MergeParallelLaunches:
     thread-pool launch (:func:`merge_kernels`). Run it last among the kernel rewrites, before lowering."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        merged = 0
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
+        def rewriter(mod, func):
             runs = _runs(func, mod)
-            if not runs:
-                continue
-            rewriter = _Rewriter(mod, runs)
-            new = rewriter.visit_expr(func)
-            mod = rewriter.builder_.get()
-            mod[gv] = new
-            merged += rewriter.merged
-        if not merged:
-            return mod
-        return relax.transform.DeadCodeElimination()(mod)
+            return _Rewriter(mod, runs) if runs else None
+
+        return rewrite_functions(mod, rewriter)

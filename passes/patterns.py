@@ -21,6 +21,13 @@ def op_name(expr) -> str | None:
     return None
 
 
+def call_tir_parts(expr) -> tuple | None:
+    """``(callee, [arguments])`` of a ``relax.call_tir``; None for anything else."""
+    if op_name(expr) != "relax.call_tir":
+        return None
+    return expr.args[0], list(expr.args[1].fields)
+
+
 def is_const(expr) -> bool:
     """A tensor constant."""
     return isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.ty, relax.TensorType)
