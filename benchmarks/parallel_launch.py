@@ -30,7 +30,7 @@ def _merge(on: bool):
     from targets import pipeline
 
     merge = pipeline._merge_launches
-    pipeline._merge_launches = lambda target, precision: [MergeParallelLaunches()] if on else []
+    pipeline._merge_launches = lambda target: [MergeParallelLaunches()] if on else []
     try:
         yield
     finally:

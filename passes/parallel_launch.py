@@ -239,8 +239,16 @@ def _launch_bytes(binding, mod) -> int | None:
     return size if size <= MAX_KERNEL_BYTES else None
 
 
-def _runs(func: relax.Function, mod: tvm.IRModule) -> list:
-    """[(bindings of a run, the vars of it used after it)] for each run of two or more launchable kernels."""
+def _uses_tiles(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is an AMX tile kernel (:mod:`passes.amx`: it requests the tile state at its entry)."""
+    from passes import amx
+
+    return any(amx.is_tile_state_request(s) for s in _statements(_root(func).body))
+
+
+def _runs(func: relax.Function, mod: tvm.IRModule, amx_only: bool = False) -> list:
+    """[(bindings of a run, the vars of it used after it)] for each run of two or more launchable kernels (with
+    ``amx_only``, of the runs with an AMX tile kernel in them)."""
     flat = [b for block in func.body.blocks for b in block.bindings]
     last_use = {}  # var -> index of the last binding using it (len(flat): the function's result)
     for i, binding in enumerate(flat):
@@ -251,7 +259,7 @@ def _runs(func: relax.Function, mod: tvm.IRModule) -> list:
     runs = []
 
     def close(run, end):
-        if len(run) >= 2:
+        if len(run) >= 2 and (not amx_only or any(_uses_tiles(mod[call_tir_parts(b.value)[0]]) for b in run)):
             runs.append((run, [b.var for b in run if last_use.get(b.var, -1) >= end]))
 
     start = 0
@@ -306,11 +314,16 @@ class _Rewriter(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="MergeParallelLaunches")
 class MergeParallelLaunches:
     """Each run of consecutive launchable kernels (:func:`launchable`) of every Relax function: one PrimFunc, one
-    thread-pool launch (:func:`merge_kernels`). Run it last among the kernel rewrites, before lowering."""
+    thread-pool launch (:func:`merge_kernels`). Run it last among the kernel rewrites, before lowering.
+    ``amx_only``: only runs with an AMX tile kernel in them (where it was measured to pay: an fp32 or a VNNI
+    module's tuned kernels ran slower in one launch)."""
+
+    def __init__(self, amx_only: bool = False):
+        self.amx_only = amx_only
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         def rewriter(mod, func):
-            runs = _runs(func, mod)
+            runs = _runs(func, mod, self.amx_only)
             return _Rewriter(mod, runs) if runs else None
 
         return rewrite_functions(mod, rewriter)

@@ -94,15 +94,16 @@ def _fuse_pads(target):
     return [FusePadIntoProducer()] if vnni.target_int8_isa(target) is not None else []
 
 
-def _merge_launches(target, precision: str):
-    """On AMX CPUs, the small kernels of an int8 module in one thread-pool launch per run (:mod:`passes.parallel_launch`):
-    batch 1 0.241 -> 0.203 ms at 1 thread, 0.256 -> 0.234 at 2. Not on the other x86 classes: there the tuned
-    kernels, outlined into one launch body, lost their speed (x86-64-v4-vnni batch 1: 0.435 -> 0.816 ms at 1
-    thread; ``benchmarks/parallel_launch.md``)."""
+def _merge_launches(target):
+    """On AMX CPUs, the runs of kernels with AMX tile kernels in them (int8 modules) in one thread-pool launch each
+    (:mod:`passes.parallel_launch`): batch 1 0.234 -> 0.203 ms at 1 thread, 0.249 -> 0.233 at 2. Not for other
+    modules or classes: there the tuned kernels, outlined into one launch body, lost their speed
+    (x86-64-v4-vnni batch 1: 0.435 -> 0.816 ms at 1 thread; ``benchmarks/parallel_launch.md``). The lowering
+    pipeline does not know the module's precision; the AMX kernels in a run say it is int8."""
     from passes import vnni
     from passes.parallel_launch import MergeParallelLaunches
 
-    return [MergeParallelLaunches()] if precision == "int8" and vnni.target_int8_isa(target) == "amx" else []
+    return [MergeParallelLaunches(amx_only=True)] if vnni.target_int8_isa(target) == "amx" else []
 
 
 def _gpu_rules():
@@ -189,7 +190,7 @@ class Pipeline:
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
         tuned = apply_database_passes(db) if db is not None else []
         schedule = [_gpu_rules()] if spec.kind == "cuda" else \
-            [_cpu_fallback()] + _fuse_pads(target) + _merge_launches(target, self.precision)
+            [_cpu_fallback()] + _fuse_pads(target) + _merge_launches(target)
 
         @tvm.transform.module_pass(opt_level=0, name=f"targets.pipeline.{spec.name}")
         def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -111,3 +111,34 @@ def test_a_parallel_loop_under_a_serial_one_is_not_launchable():
 def _restore_threads():
     yield
     threads.set_tvm(threads.cores())
+
+
+def test_amx_only_leaves_a_run_without_tile_kernels():
+    double = _kernel(lambda a: a * 2.0, 1, True)
+    before = _module([(double, [0]), (double, [1])])
+    assert _calls(MergeParallelLaunches(amx_only=True)(before)) == ["k0", "k0"]
+
+
+def test_builds_for_amx_merge_the_int8_module_and_leave_the_fp32_one():
+    """What ``build`` lowers for x86-64-v4-amx (compiled nowhere, so on any CPU): the shipped pruned ResNet56 in int8
+    runs its AMX kernels in one launch; in fp32 (no tile kernel, tuned kernels that ran slower merged) nothing is
+    merged. The lowering pipeline is built without the precision, so this is the check that the pass runs at all."""
+    from compiler import zoo
+    from compiler.build import lower
+    from compiler.tuning import database as tdb
+    from targets import get
+    from targets.build import relax_pipeline
+
+    spec = get("x86-64-v4-amx")
+    ckpt = zoo.load("resnet56", None, None, quiet=True)
+    kernels = {}
+    for precision in ("int8", "fp32"):
+        lowered = lower(ckpt.model, 1, precision, spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
+                        shipped=zoo.calibration(ckpt, 512) if precision == "int8" else None)
+        library, _ = tdb.find_library(spec, precision, 1)
+        with spec.tvm_target():
+            low = relax_pipeline(spec, library)(lowered.module)
+        kernels[precision] = [gv.name_hint for gv, f in low.functions_items() if isinstance(f, tirx.PrimFunc)]
+    # int8: the one launch, the classifier's matmul and the input quantize (which precedes the first tile kernel)
+    assert "fused_launch" in kernels["int8"] and len(kernels["int8"]) <= 4, kernels["int8"]
+    assert "fused_launch" not in kernels["fp32"] and len(kernels["fp32"]) >= 10, kernels["fp32"]  # distinct kernels
