@@ -115,33 +115,33 @@ def _barrier(stmt) -> tirx.Stmt:
 
 def _launch_parts(stmts: list, request) -> list:
     """One kernel's top-level statements as launch statements: declarations as they are, the tile-state request
-    moved to ``request``, runs of serial statements on the first thread, and a barrier after each parallel loop
-    and each serial run but a run of zero-border loops followed by a parallel loop or by other serial statements
-    (:func:`merge_kernels` drops the run's last barrier)."""
+    moved to ``request``, runs of serial statements on the first thread, and a barrier after each parallel loop and
+    each serial run - but a run of zero-border loops that is not the kernel's last part (the kernel's own barrier
+    follows later; none of its statements touches the border) - (:func:`merge_kernels` drops the run's last one)."""
     from passes import amx
 
     out, serial = [], []
 
-    def flush(barrier: bool):
+    def flush(last: bool = False):
         if serial:
             part = _one_thread(list(serial))
-            out.append(_barrier(part) if barrier else part)
+            out.append(_barrier(part) if last or not _is_border(serial[0]) else part)
             serial.clear()
 
     for stmt in stmts:
         if isinstance(stmt, tirx.DeclBuffer):
-            flush(True)
+            flush()
             out.append(stmt)
         elif isinstance(stmt, tirx.Evaluate) and amx.is_tile_state_request(stmt):
             request.append(stmt)
         elif _is_parallel_loop(stmt):
-            flush(not all(_is_border(s) for s in serial))
+            flush()
             out.append(_barrier(stmt))
         else:
             if serial and _is_border(serial[-1]) != _is_border(stmt):
-                flush(not _is_border(serial[-1]))
+                flush()
             serial.append(stmt)
-    flush(True)
+    flush(last=True)
     return out
 
 
