@@ -10,6 +10,7 @@ attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per targe
     ScheduleLayoutKernels passes/schedule_layout.py   a fixed vectorized schedule for that layout's data movers
     ScheduleAmxConv2d  passes/amx.py                  the packed int8 conv2d kernels on Intel AMX tiles (fixed)
     FusePadIntoProducer passes/fuse_pad.py            a packed conv2d writes the next one's zero-padded input
+    MergeParallelLaunches passes/parallel_launch.py  AMX int8 kernels in one thread-pool launch, barriers between
     ParallelFallback   passes/parallel_fallback.py    untuned CPU kernels: their spatial loops on the thread pool
     ApplyByAnchor      passes/apply_by_anchor.py      tuning records of a conv2d applied under another epilogue
 

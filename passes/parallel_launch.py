@@ -28,10 +28,10 @@ PrimFunc:
 One thread runs the launch inline and its barriers return at once. The values are the same as the separate
 kernels' (the same statements in the same order, each store before the barrier that precedes its readers).
 
-Measured (``benchmarks/parallel_launch.md``): on AMX the shipped model at batch 1 goes 0.241 -> 0.203 ms at one
-thread (70 VM calls -> 1) and 0.256 -> 0.234 at two; two threads still lose to one there, because an AMX kernel
-split over two threads of that VM is no faster than on one. The pipeline runs it for AMX only: the tuned
-AVX-512 kernels of x86-64-v4-vnni, outlined into one launch body, ran at half speed.
+Measured (``benchmarks/parallel_launch.md``): on AMX the shipped model at batch 1 goes 0.236 -> 0.202 ms at one
+thread (70 VM calls -> 3) and 0.250 -> 0.213 at two; two threads still lose to one there, because an AMX kernel
+split over two threads of that VM is no faster than on one. The pipeline runs it for AMX tile kernels only
+(``amx_only``): the tuned AVX-512 kernels of x86-64-v4-vnni, outlined into one launch body, ran at half speed.
 """
 
 from __future__ import annotations

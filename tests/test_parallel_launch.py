@@ -142,3 +142,28 @@ def test_builds_for_amx_merge_the_int8_module_and_leave_the_fp32_one():
     # int8: the one launch, the classifier's matmul and the input quantize (which precedes the first tile kernel)
     assert "fused_launch" in kernels["int8"] and len(kernels["int8"]) <= 4, kernels["int8"]
     assert "fused_launch" not in kernels["fp32"] and len(kernels["fp32"]) >= 10, kernels["fp32"]  # distinct kernels
+
+
+def test_a_zero_border_gets_no_barrier_unless_it_ends_its_kernel():
+    """fuse_pad's border loops (marked pad_border) write what no statement of their kernel touches: the kernel's own
+    barrier follows them, also when a buffer declaration comes between; a border that ends the kernel gets one."""
+    from passes.parallel_launch import BORDER_ANNOTATION, _launch_parts
+
+    buf = tirx.decl_buffer([4], "float32", name="p")
+    one = tirx.IntImm("int64", 1)
+
+    def loop(kind, border=False):
+        i = tirx.Var("i", "int64")
+        return tirx.For(i, tirx.IntImm("int64", 0), one, kind, tirx.BufferStore(buf, tirx.FloatImm("float32", 0), [i]),
+                        annotations={BORDER_ANNOTATION: 1} if border else None)
+
+    def shape(parts):
+        return [("barrier " if isinstance(p, tirx.AttrStmt) and p.attr_key == BARRIER else "")
+                + type(p.body if isinstance(p, tirx.AttrStmt) else p).__name__ for p in parts]
+
+    view = tirx.DeclBuffer(tirx.decl_buffer([4], "float32", name="v"), data=buf.data)
+    border, serial, parallel = (lambda: loop(tirx.ForKind.SERIAL, True)), (lambda: loop(tirx.ForKind.SERIAL)), \
+        (lambda: loop(tirx.ForKind.PARALLEL))
+    assert shape(_launch_parts([border(), border(), view, parallel()], [])) == ["For", "DeclBuffer", "barrier For"]
+    assert shape(_launch_parts([serial(), view, parallel()], [])) == ["barrier For", "DeclBuffer", "barrier For"]
+    assert shape(_launch_parts([parallel(), border()], [])) == ["barrier For", "barrier For"]
