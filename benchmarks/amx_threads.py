@@ -123,7 +123,9 @@ def _instrumented(func):
     root = func.body.block
     stmts = list(root.body.seq)
     at = next(i for i, s in enumerate(stmts) if isinstance(s, tirx.AttrStmt) and s.attr_key == LAUNCH)
-    parts = [p for p in stmts[at].body.seq]
+    body = stmts[at].body
+    tiles = body.block if isinstance(body, SBlockRealize) else None  # save / parts / restore, once per thread
+    parts = list(tiles.body.seq[1:-1] if tiles is not None else body.seq)
     n = sum(not isinstance(p, tirx.DeclBuffer) for p in parts)
     trace = tirx.decl_buffer((2, 2 * n + 1), "int64", name="trace")
 
@@ -156,14 +158,19 @@ def _instrumented(func):
             labels.append(label(p))
             new += [stamp(2 * j), p, stamp(2 * j + 1)]
     new.append(stamp(2 * n))
-    stmts[at] = tirx.AttrStmt(stmts[at].node, LAUNCH, stmts[at].value, tirx.SeqStmt(new))
+    body = tirx.SeqStmt(new)
+    if tiles is not None:
+        seq = tiles.body.seq
+        body = SBlockRealize([], True, SBlock([], [], [], tiles.name_hint, tirx.SeqStmt([seq[0], *new, seq[-1]]),
+                                              None, tiles.alloc_buffers, [], {}))
+    stmts[at] = tirx.AttrStmt(stmts[at].node, LAUNCH, stmts[at].value, body)
     body = SBlockRealize([], True, SBlock([], [], [], "root", tirx.SeqStmt(stmts), None, root.alloc_buffers, [], {}))
     out = tirx.PrimFunc(list(func.params) + [trace], body)
     return out.with_attr("tirx.is_scheduled", True).with_attr("tirx.noalias", True).with_attr(
         "global_symbol", "main"), labels
 
 
-def model_trace(split: bool, show_parts: bool) -> dict:
+def model_trace(split: int | None, show_parts: bool) -> dict:
     import time
 
     import tvm
@@ -185,7 +192,7 @@ def model_trace(split: bool, show_parts: bool) -> dict:
     target = spec.tvm_target()
     library, _ = tdb.find_library(spec, "int8", 1)
     db = tdb.combine(None, library)
-    legalize = [amx.ScheduleAmxConv2d(2, 0) if split and isinstance(p, amx.ScheduleAmxConv2d) else p
+    legalize = [amx.ScheduleAmxConv2d(2, split) if split is not None and isinstance(p, amx.ScheduleAmxConv2d) else p
                 for p in pipeline.legalize_passes(target)]
     with target, db:
         passes = legalize + pipeline.apply_database_passes(db) + [pipeline._cpu_fallback()] \
@@ -246,8 +253,11 @@ def model_trace(split: bool, show_parts: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--split", action="store_true", help="every AMX conv2d in 2 chunks (default: as build makes it)")
+    p.add_argument("--split", type=int, nargs="?", const=0, default=None, metavar="MIN_MACS",
+                   help="every AMX conv2d of MIN_MACS multiply-adds or more (default 0: all) in 2 chunks "
+                        "(without the flag: as build makes it)")
     p.add_argument("--parts", action="store_true", help="print every statement of the launch")
+    p.add_argument("--no-tile-unit", action="store_true", help="skip part 1")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
@@ -268,9 +278,12 @@ def main(argv=None) -> int:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     print(f"CPU: {model}, {threads.cores()} cores")
-    print("1. tile unit alone: 2 chunks of register-only tdpbusd, per call (us)")
-    unit = tile_unit(target)
-    print(f"2. the shipped model's launch at batch 1{' (every AMX conv2d in 2 chunks)' if args.split else ''}")
+    unit = []
+    if not args.no_tile_unit:
+        print("1. tile unit alone: 2 chunks of register-only tdpbusd, per call (us)")
+        unit = tile_unit(target)
+    split = "" if args.split is None else f" (AMX conv2d kernels of {args.split} multiply-adds and up in 2 chunks)"
+    print(f"2. the shipped model's launch at batch 1{split}")
     trace = model_trace(args.split, args.parts)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": model, "tile_unit": unit, "model": trace}, indent=1))

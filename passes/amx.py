@@ -18,9 +18,10 @@ tile computed by ``tilezero``, one ``tileloadd`` of A and of B and one ``tdpbusd
 an M x ob int32 buffer the fused epilogue (requantize, bias, residual add, ReLU, quantize; inlined into one block)
 reads right after, vectorized over ob: the int32 tensor never leaves the cache. A kernel of
 :data:`PARALLEL_MIN_MACS` or more spreads its tiles over the thread pool in up to :data:`CHUNKS` contiguous chunks
-of at least that much work; each chunk configures the tile registers once (``ldtilecfg``: 200 cycles here, as much
-as a tile's work at batch 1) and puts the thread's previous configuration back when it is done
-(:func:`_with_tiles`: ONNX Runtime, in the same process, keeps its own per thread). The conv2d's integers are
+of at least that much work (row bands of the output); each chunk configures the tile registers once (``ldtilecfg``:
+200 cycles here, as much as a tile's work at batch 1) and puts the thread's previous configuration back when it is
+done (:func:`_with_tiles`: ONNX Runtime, in the same process, keeps its own per thread); inside one thread-pool
+launch each thread saves and restores it once for all the kernels instead (:func:`save_once_per_thread`). The conv2d's integers are
 the same as the NCHW conv2d's (an exact int32 sum in another order); the float epilogue rounds as its vectorized
 code does, and the AMX layout quantizes by the inverse scale (:func:`passes.vnni._quantized`), so a requantized
 activation can differ from the VNNI build's by one step where a value sits on a rounding tie.
@@ -37,13 +38,18 @@ from tvm import tirx
 from passes import vnni
 from passes.patterns import i64, is_scheduled, with_root_body
 
-__all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "is_amx_target", "CHUNKS", "PARALLEL_MIN_MACS"]
+__all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "is_amx_target", "save_once_per_thread",
+           "CHUNKS", "PARALLEL_MIN_MACS"]
 
 CHUNKS = 16  # at most this many contiguous tile chunks in a parallel kernel: each configures the tiles once
-PARALLEL_MIN_MACS = 1 << 21  # a kernel below this many multiply-adds (~2 us of tiles) runs on one thread
+# a kernel below this many multiply-adds (~1 us of tiles) runs on one thread. Was 2 M until session 20: inside one
+# thread-pool launch (passes/parallel_launch.py) with the tile save hoisted a split costs a barrier, and at 1 M the
+# shipped batch-1 model runs 0.195 ms on 2 threads against 0.205 on 1 at 2 M (benchmarks/amx_threads.md)
+PARALLEL_MIN_MACS = 1 << 20
 MAX_K = 64  # bytes in a tile row
 MAX_M = 16  # rows in a tile
 SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+TILES_BLOCK, SAVED_CONFIG = "amx_tiles", "amx_saved_config"  # the block around a tile chunk, its saved configuration
 # the 8 tile registers: up to 2 x 2 accumulators (2 output-channel blocks x 2 pixel runs), whose independent
 # tdpbusd chains overlap; the 2 activation tiles and the 2 weight tiles they multiply
 _C, _A, _B = (0, 1, 2, 3), (4, 5), (6, 7)
@@ -158,6 +164,16 @@ def _tile_body(g: _Geometry, b, o, y, x) -> tirx.Stmt:
     return tirx.SeqStmt(zero + [loops] + store)
 
 
+def _saved_config():
+    return tirx.decl_buffer((64,), "uint8", name=SAVED_CONFIG, scope="local")
+
+
+def _saving(saved, stmts: list) -> list:
+    """``stmts`` between saving the thread's tile configuration into ``saved`` and putting it back."""
+    return [_intrin("llvm.x86.sttilecfg", _address(saved, [0]))] + stmts + [
+        _intrin("llvm.x86.ldtilecfg", _address(saved, [0]))]
+
+
 def _with_tiles(g: _Geometry, body: tirx.Stmt):
     """``body`` with the tile registers configured for ``g`` around it, and the thread's previous configuration put
     back after it: other libraries in the process keep theirs per thread (ONNX Runtime's MLAS loads its AMX
@@ -166,12 +182,53 @@ def _with_tiles(g: _Geometry, body: tirx.Stmt):
     from tvm.s_tir import SBlock, SBlockRealize
 
     cfg = tirx.decl_buffer((64,), "uint8", name="amx_tile_config", scope="local")
-    saved = tirx.decl_buffer((64,), "uint8", name="amx_saved_config", scope="local")
+    saved = _saved_config()
     stores = [tirx.BufferStore(cfg, tirx.IntImm("uint8", byte), [i64(i)])
               for i, byte in enumerate(tile_config(g.m, g.k, 4 * g.ob))]
-    seq = tirx.SeqStmt([_intrin("llvm.x86.sttilecfg", _address(saved, [0]))] + stores + [
-        _intrin("llvm.x86.ldtilecfg", _address(cfg, [0])), body, _intrin("llvm.x86.ldtilecfg", _address(saved, [0]))])
-    return SBlockRealize([], True, SBlock([], [], [], "amx_tiles", seq, alloc_buffers=[cfg, saved]))
+    seq = tirx.SeqStmt(_saving(saved, stores + [_intrin("llvm.x86.ldtilecfg", _address(cfg, [0])), body]))
+    return SBlockRealize([], True, SBlock([], [], [], TILES_BLOCK, seq, alloc_buffers=[cfg, saved]))
+
+
+def _reads_address_of(stmt, buf) -> bool:
+    """Whether ``stmt`` is one intrinsic call taking ``buf``'s address (the save or the restore of a chunk)."""
+    import tvm_ffi
+
+    if not isinstance(stmt, tirx.Evaluate):
+        return False
+    loads = []
+    load_type = type(tirx.BufferLoad(buf, [i64(0)]))  # this TVM names the node class TensorLoad
+    tvm_ffi.structural_walk(stmt, [(load_type, lambda load: loads.append(load.source.same_as(buf)))])
+    return any(loads)
+
+
+def save_once_per_thread(stmt: tirx.Stmt) -> tirx.Stmt | None:
+    """``stmt`` (the body of a thread-pool launch: every thread runs it, each its share of the parallel loops) with
+    the save and restore of the thread's tile configuration moved out of every tile chunk to the start and the end
+    of ``stmt``, once per thread (each chunk still loads its own configuration); None when it has no tile chunk.
+    A chunk's save and restore cost ~0.15 us (``benchmarks/amx_threads.md``), as much as a batch-1 tile group."""
+    import tvm_ffi
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    found = []
+
+    def drop_save(block):
+        saved = [b for b in block.alloc_buffers if b.name == SAVED_CONFIG]
+        if block.name_hint != TILES_BLOCK or not saved or not isinstance(block.body, tirx.SeqStmt):
+            return block
+        seq = list(block.body.seq)
+        if not (_reads_address_of(seq[0], saved[0]) and _reads_address_of(seq[-1], saved[0])):
+            return block
+        found.append(block)
+        return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, tirx.SeqStmt(seq[1:-1]), None,
+                      [b for b in block.alloc_buffers if not b.same_as(saved[0])], block.match_buffers,
+                      block.annotations)
+
+    body = tvm_ffi.structural_map(stmt, [(SBlock, drop_save)], order="post")
+    if not found:
+        return None
+    saved = _saved_config()
+    return SBlockRealize([], True, SBlock([], [], [], "amx_thread_tiles", tirx.SeqStmt(_saving(saved, [body])),
+                                          alloc_buffers=[saved]))
 
 
 def _request_tile_state() -> tirx.Stmt:
@@ -225,12 +282,15 @@ def schedule_amx_conv2d(func: tirx.PrimFunc, chunks: int = CHUNKS, parallel_min_
         elif g.pair == "y":
             y, yt = sch.split(y, [None, 2])
             group.append(yt)
-        sch.reorder(b, o, y, xo, *group, xi)
+        # rows outermost: the chunks of a batch-1 kernel are row bands, so a thread reads mostly the rows it wrote
+        # in the kernel before (output-channel blocks first, a stage-3 kernel's halves each read the whole input,
+        # half of it from the other core: 2.9 us whole, 3.3 us a half on 2 threads; row bands 2.4-2.5)
+        sch.reorder(b, y, o, xo, *group, xi)
         if epilogue is not None:
             sch.reverse_compute_at(epilogue, xo)
             sch.vectorize(sch.get_loops(epilogue)[-1])  # the ob (8 or 16) channels of a tile row
         sch.blockize(group[0] if group else xi)
-        fused = sch.fuse(b, o, y, xo)
+        fused = sch.fuse(b, y, o, xo)
         parallel = g.macs >= parallel_min_macs
         if parallel:
             # each chunk at least parallel_min_macs of work: ldtilecfg + the save and restore cost ~0.15 us a

@@ -217,7 +217,11 @@ def merge_kernels(funcs: list, args: list, outs: list, keep: list) -> tuple:
         body.pop()
     if body and isinstance(body[-1], tirx.AttrStmt) and body[-1].attr_key == BARRIER:
         body[-1] = body[-1].body
-    launch = tirx.AttrStmt(tirx.IntImm("int32", 0), LAUNCH_POINT, tirx.IntImm("int32", 1), _seq(body))
+    from passes import amx
+
+    inner = _seq(body)
+    inner = amx.save_once_per_thread(inner) or inner
+    launch = tirx.AttrStmt(tirx.IntImm("int32", 0), LAUNCH_POINT, tirx.IntImm("int32", 1), inner)
     root = SBlock([], [], [], "root", _seq(request[:1] + decls + [launch]), None, allocs, [], {})
     # the slots are outputs nobody reads (the VM allocates and frees them as it plans its tensors): this TVM's
     # StorageRewrite, given them as allocations, shares the storage of slots that are live at once

@@ -106,6 +106,52 @@ def test_schedule_emits_tiles_and_compiles_for_the_class(ic, hw, oc, stride):
     tvm.compile(scheduled, target=tvm.target.Target(AMX_TARGET))  # LLVM builds AMX code on any x86 machine
 
 
+def _in_one_launch(scheduled):
+    """``scheduled``'s root body as :mod:`passes.parallel_launch` runs kernels: under a launch point, the tile
+    configuration saved once per thread (:func:`passes.amx.save_once_per_thread`)."""
+    from tvm import tirx
+
+    from passes.parallel_launch import LAUNCH_POINT
+    from passes.patterns import with_root_body
+
+    def launch(inner):
+        return tirx.AttrStmt(tirx.IntImm("int32", 0), LAUNCH_POINT, tirx.IntImm("int32", 1),
+                             amx.save_once_per_thread(inner))
+
+    return scheduled.with_body(with_root_body(scheduled.body, launch))
+
+
+def test_a_launch_saves_the_tile_configuration_once_per_thread():
+    scheduled = amx.schedule_amx_conv2d(_conv(1, 16, 32, 16), parallel_min_macs=0)
+    launched = _in_one_launch(scheduled)
+    text = launched.script()
+    # one save and one restore for the whole launch (every thread runs them), the chunk's own load in between
+    assert text.count("llvm.x86.sttilecfg") == 1 and text.count("llvm.x86.ldtilecfg") == 2
+    assert text.index("llvm.x86.sttilecfg") < text.index("T.parallel") < text.rindex("llvm.x86.ldtilecfg")
+    tvm.compile(launched, target=tvm.target.Target(AMX_TARGET))
+    a = te.placeholder((4,), "float32", name="a")
+    relu = te.compute((4,), lambda i: te.max(a[i], 0.0), name="relu")
+    assert amx.save_once_per_thread(te.create_prim_func([a, relu]).body) is None  # no tile chunk in it
+
+
+@needs_amx
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_launch_with_the_save_hoisted_equals_the_kernel(n_threads):
+    from compiler import threads
+
+    rng = np.random.default_rng(3)
+    scheduled = amx.schedule_amx_conv2d(_conv(1, 16, 32, 32), parallel_min_macs=0)
+    target = tvm.target.Target(AMX_TARGET)
+    args = _random_args(scheduled, rng)
+    threads.set_tvm(n_threads)
+    try:
+        want = _call(tvm.compile(scheduled, target=target), args)
+        got = _call(tvm.compile(_in_one_launch(scheduled), target=target), args)
+    finally:
+        threads.set_tvm(threads.cores())
+    np.testing.assert_array_equal(got, want)
+
+
 def test_kernels_of_another_shape_are_left_alone():
     a = te.placeholder((1, 16, 8, 8), "float32", name="a")
     relu = te.compute(a.shape, lambda *i: te.max(a[i], 0.0), name="relu")

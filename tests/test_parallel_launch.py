@@ -139,9 +139,13 @@ def test_builds_for_amx_merge_the_int8_module_and_leave_the_fp32_one():
         with spec.tvm_target():
             low = relax_pipeline(spec, library)(lowered.module)
         kernels[precision] = [gv.name_hint for gv, f in low.functions_items() if isinstance(f, tirx.PrimFunc)]
+        if precision == "int8":
+            launch = next(f for gv, f in low.functions_items() if gv.name_hint == "fused_launch").script()
     # int8: the one launch, the classifier's matmul and the input quantize (which precedes the first tile kernel)
     assert "fused_launch" in kernels["int8"] and len(kernels["int8"]) <= 4, kernels["int8"]
     assert "fused_launch" not in kernels["fp32"] and len(kernels["fp32"]) >= 10, kernels["fp32"]  # distinct kernels
+    # the tile configuration saved once per thread for the whole launch, not once per tile chunk
+    assert launch.count("llvm.x86.sttilecfg") == 1 and launch.count("llvm.x86.ldtilecfg") > 40
 
 
 def test_a_zero_border_gets_no_barrier_unless_it_ends_its_kernel():
