@@ -28,10 +28,13 @@ PrimFunc:
 One thread runs the launch inline and its barriers return at once. The values are the same as the separate
 kernels' (the same statements in the same order, each store before the barrier that precedes its readers).
 
-Measured (``benchmarks/parallel_launch.md``): on AMX the shipped model at batch 1 goes 0.236 -> 0.202 ms at one
-thread (70 VM calls -> 3) and 0.250 -> 0.213 at two; two threads still lose to one there, because an AMX kernel
-split over two threads of that VM is no faster than on one. The pipeline runs it for AMX tile kernels only
-(``amx_only``): the tuned AVX-512 kernels of x86-64-v4-vnni, outlined into one launch body, ran at half speed.
+Inside the launch each thread saves its AMX tile configuration once, before all the kernels, and puts it back
+after them (:func:`passes.amx.save_once_per_thread`), instead of once per tile chunk.
+
+Measured (``benchmarks/parallel_launch.md``, ``benchmarks/amx_threads.md``): on AMX the shipped model at batch 1
+goes 0.25 -> 0.20 ms at one thread (70 VM calls -> 3) and 0.27 -> 0.19 at two, where two threads now beat one
+(median of 5 runs 0.193 against 0.201 ms). The pipeline runs it for AMX tile kernels only (``amx_only``): the tuned
+AVX-512 kernels of x86-64-v4-vnni, outlined into one launch body, ran at half speed.
 """
 
 from __future__ import annotations

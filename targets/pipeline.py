@@ -96,7 +96,7 @@ def _fuse_pads(target):
 
 def _merge_launches(target):
     """On AMX CPUs, the runs of kernels with AMX tile kernels in them (int8 modules) in one thread-pool launch each
-    (:mod:`passes.parallel_launch`): batch 1 0.236 -> 0.202 ms at 1 thread, 0.250 -> 0.213 at 2. Not for other
+    (:mod:`passes.parallel_launch`): batch 1 0.25 -> 0.20 ms at 1 thread, 0.27 -> 0.19 at 2. Not for other
     modules or classes: there the tuned kernels, outlined into one launch body, lost their speed
     (x86-64-v4-vnni batch 1: 0.435 -> 0.816 ms at 1 thread; ``benchmarks/parallel_launch.md``). The lowering
     pipeline does not know the module's precision; the AMX kernels in a run say it is int8."""
