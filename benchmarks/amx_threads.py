@@ -88,21 +88,23 @@ def tile_unit(target) -> list[dict]:
             tvm.runtime.tensor(np.ones((2, 16, 64), "int8"), dev),
             tvm.runtime.tensor(np.zeros((2, 4, 16, 16), "int32"), dev)]
 
-    def timed(func, n_threads, reps):
+    def timed(func, thread_counts, reps) -> list[float]:
+        """Microseconds per step of ``func`` (``reps`` steps a call), compiled once, at each thread count."""
         with tvm.transform.PassContext(opt_level=3):
             lib = tvm.compile(func, target=target)
-        threads.set_tvm(n_threads)
-        t = lib.mod.time_evaluator("main", dev, number=100, repeat=7, min_repeat_ms=20)(*args)
-        return float(np.median(t.results)) * 1e6 / reps
+        times = []
+        for n_threads in thread_counts:
+            threads.set_tvm(n_threads)
+            t = lib.mod.time_evaluator("main", dev, number=100, repeat=7, min_repeat_ms=20)(*args)
+            times.append(float(np.median(t.results)) * 1e6 / reps)
+        return times
 
     rows = []
     for rounds in (8, 32, 128, 512):
-        serial = timed(_tile_kernel(rounds, False, 1), 1, 1)
+        serial, = timed(_tile_kernel(rounds, False, 1), (1,), 1)
         row = {"tdpbusd_per_chunk": 4 * rounds, "serial_1t_us": serial}
         for reps, key in ((1, "own_launch"), (REPS, "one_launch")):
-            func = _tile_kernel(rounds, True, reps)
-            row[f"{key}_1t_us"] = timed(func, 1, reps)
-            row[f"{key}_2t_us"] = timed(func, 2, reps)
+            row[f"{key}_1t_us"], row[f"{key}_2t_us"] = timed(_tile_kernel(rounds, True, reps), (1, 2), reps)
         rows.append(row)
         print(f"  {4 * rounds:5d} tdpbusd a chunk: serial {serial:6.2f} us | own launch 1T "
               f"{row['own_launch_1t_us']:6.2f} 2T {row['own_launch_2t_us']:6.2f} | in one launch 1T "
@@ -181,7 +183,6 @@ def model_trace(split: int | None, show_parts: bool) -> dict:
     from compiler.tuning import database as tdb
     from compiler.tuning.tvm_compat import register_tensor_intrinsics
     from passes import amx
-    from passes.parallel_launch import MergeParallelLaunches
     from targets import pipeline
 
     register_tensor_intrinsics()
@@ -192,11 +193,9 @@ def model_trace(split: int | None, show_parts: bool) -> dict:
     target = spec.tvm_target()
     library, _ = tdb.find_library(spec, "int8", 1)
     db = tdb.combine(None, library)
-    legalize = [amx.ScheduleAmxConv2d(2, split) if split is not None and isinstance(p, amx.ScheduleAmxConv2d) else p
-                for p in pipeline.legalize_passes(target)]
-    with target, db:
-        passes = legalize + pipeline.apply_database_passes(db) + [pipeline._cpu_fallback()] \
-            + pipeline._fuse_pads(target) + [MergeParallelLaunches()]
+    with target, db:  # build's passes up to the scheduled kernels, the AMX chunking swapped with --split
+        passes = [amx.ScheduleAmxConv2d(2, split) if split is not None and isinstance(p, amx.ScheduleAmxConv2d) else p
+                  for p in pipeline.kernel_passes(target, db)]
         mod = tvm.transform.Sequential(passes)(lowered.module)
     func = next(f for gv, f in mod.functions_items() if gv.name_hint.startswith("fused_launch"))
     func, labels = _instrumented(func)

@@ -21,10 +21,11 @@ reads right after, vectorized over ob: the int32 tensor never leaves the cache. 
 of at least that much work (row bands of the output); each chunk configures the tile registers once (``ldtilecfg``:
 200 cycles here, as much as a tile's work at batch 1) and puts the thread's previous configuration back when it is
 done (:func:`_with_tiles`: ONNX Runtime, in the same process, keeps its own per thread); inside one thread-pool
-launch each thread saves and restores it once for all the kernels instead (:func:`save_once_per_thread`). The conv2d's integers are
-the same as the NCHW conv2d's (an exact int32 sum in another order); the float epilogue rounds as its vectorized
-code does, and the AMX layout quantizes by the inverse scale (:func:`passes.vnni._quantized`), so a requantized
-activation can differ from the VNNI build's by one step where a value sits on a rounding tie.
+launch each thread saves and restores it once for all the kernels instead (:func:`save_once_per_thread`). The
+conv2d's integers are the same as the NCHW conv2d's (an exact int32 sum in another order); the float epilogue
+rounds as its vectorized code does, and the AMX layout quantizes by the inverse scale
+(:func:`passes.vnni._quantized`), so a requantized activation can differ from the VNNI build's by one step where a
+value sits on a rounding tie.
 
 Linux gives a process the tile state only once it asks (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``);
 every kernel asks at entry (one cheap syscall, idempotent), so an artifact runs in any process that loads it.
@@ -189,18 +190,6 @@ def _with_tiles(g: _Geometry, body: tirx.Stmt):
     return SBlockRealize([], True, SBlock([], [], [], TILES_BLOCK, seq, alloc_buffers=[cfg, saved]))
 
 
-def _reads_address_of(stmt, buf) -> bool:
-    """Whether ``stmt`` is one intrinsic call taking ``buf``'s address (the save or the restore of a chunk)."""
-    import tvm_ffi
-
-    if not isinstance(stmt, tirx.Evaluate):
-        return False
-    loads = []
-    load_type = type(tirx.BufferLoad(buf, [i64(0)]))  # this TVM names the node class TensorLoad
-    tvm_ffi.structural_walk(stmt, [(load_type, lambda load: loads.append(load.source.same_as(buf)))])
-    return any(loads)
-
-
 def save_once_per_thread(stmt: tirx.Stmt) -> tirx.Stmt | None:
     """``stmt`` (the body of a thread-pool launch: every thread runs it, each its share of the parallel loops) with
     the save and restore of the thread's tile configuration moved out of every tile chunk to the start and the end
@@ -216,7 +205,8 @@ def save_once_per_thread(stmt: tirx.Stmt) -> tirx.Stmt | None:
         if block.name_hint != TILES_BLOCK or not saved or not isinstance(block.body, tirx.SeqStmt):
             return block
         seq = list(block.body.seq)
-        if not (_reads_address_of(seq[0], saved[0]) and _reads_address_of(seq[-1], saved[0])):
+        save, restore = _saving(saved[0], [])
+        if not (tvm_ffi.structural_equal(seq[0], save) and tvm_ffi.structural_equal(seq[-1], restore)):
             return block
         found.append(block)
         return SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, tirx.SeqStmt(seq[1:-1]), None,

@@ -70,6 +70,16 @@ def apply_database_passes(database) -> list:
     return [relax.transform.MetaScheduleApplyDatabase(enable_warning=False), ApplyByAnchor(by_anchor_block(database))]
 
 
+def kernel_passes(target, database=None) -> list:
+    """The lowering's passes up to the scheduled kernels, run under ``with target, database:``: legalize, the
+    records of ``database`` (a MetaSchedule database, or None), then DLight's GPU rules (CUDA) or the CPU's
+    fallback, pad fusion and launch merging; :meth:`Pipeline.lowering` follows them with TVM's dataflow lowering."""
+    tuned = apply_database_passes(database) if database is not None else []
+    schedule = [_gpu_rules()] if target.kind.name == "cuda" else \
+        [_cpu_fallback()] + _fuse_pads(target) + _merge_launches(target)
+    return legalize_passes(target) + tuned + schedule
+
+
 def _stages(backend: str):
     """TVM's per-backend stage lists (the pipeline modules themselves: TVM 0.27's dispatchers in
     tvm.relax.pipeline reach for ``backend.cuda.dataflow_lower_passes``, which the package does not export)."""
@@ -188,17 +198,13 @@ class Pipeline:
         target = spec.tvm_target()
         db = open_database(database) if database is not None else None
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
-        tuned = apply_database_passes(db) if db is not None else []
-        schedule = [_gpu_rules()] if spec.kind == "cuda" else \
-            [_cpu_fallback()] + _fuse_pads(target) + _merge_launches(target)
 
         @tvm.transform.module_pass(opt_level=0, name=f"targets.pipeline.{spec.name}")
         def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
             scope = db if db is not None else contextlib.nullcontext()
             with target, scope:
                 seq = tvm.transform.Sequential(
-                    legalize_passes(target) + tuned + schedule
-                    + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
+                    kernel_passes(target, db) + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
                 )
                 return seq(mod)
 
