@@ -190,7 +190,7 @@ def model_trace(split: int | None, show_parts: bool) -> dict:
     spec = targets.get("x86-64-v4-amx")
     lowered = lower(ckpt.model, 1, "int8", spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
                     shipped=zoo.calibration(ckpt, 512))
-    target = spec.tvm_target()
+    target = pipeline.compile_target(spec)  # build's target: the LLVM options a merged launch is compiled with
     library, _ = tdb.find_library(spec, "int8", 1)
     db = tdb.combine(None, library)
     with target, db:  # build's passes up to the scheduled kernels, the AMX chunking swapped with --split

@@ -1,8 +1,9 @@
 """One thread-pool launch per run of kernels (issue 18 item 3, ``passes/parallel_launch.py``), measured: the pruned
 int8 ResNet56 built as ``build`` builds it for ``--target``, with the same records, with and without
-:class:`passes.parallel_launch.MergeParallelLaunches` (which ``build`` runs on AMX targets only; here on any).
+:class:`passes.parallel_launch.MergeParallelLaunches` (``build`` runs it on every x86 int8 target, compiled with
+:data:`targets.pipeline.LLVM_OPTIONS`; the separate kernels are compiled without them, as before).
 
-    python benchmarks/parallel_launch.py [--target x86-64-v4-amx] [--batch 1] [--rounds 7] [--data DIR] [--json OUT]
+    python benchmarks/parallel_launch.py [--target host] [--batch 1] [--rounds 7] [--data DIR] [--json OUT]
 
 Prints the table of ``benchmarks/build_variants.py`` (kernel calls, latency at 1 and 2 threads, max |logit
 difference|); exits 1 if the separate kernels do not equal the one launch bit for bit.
@@ -40,7 +41,6 @@ def _merge(on: bool):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
-    p.set_defaults(target="x86-64-v4-amx")
     args = p.parse_args(argv)
     return compare(args, {ONE: lambda: _merge(True), SEPARATE: lambda: _merge(False)}, SEPARATE)
 

@@ -33,8 +33,12 @@ after them (:func:`passes.amx.save_once_per_thread`), instead of once per tile c
 
 Measured (``benchmarks/parallel_launch.md``, ``benchmarks/amx_threads.md``): on AMX the shipped model at batch 1
 goes 0.25 -> 0.20 ms at one thread (70 VM calls -> 3) and 0.27 -> 0.19 at two, where two threads now beat one
-(median of 5 runs 0.193 against 0.201 ms). The pipeline runs it for AMX tile kernels only (``amx_only``): the tuned
-AVX-512 kernels of x86-64-v4-vnni, outlined into one launch body, ran at half speed.
+(median of 5 runs 0.193 against 0.201 ms); on x86-64-v4-vnni 0.48 -> 0.40 ms and on x86-64-v3 (AVX2) 0.87 -> 0.77,
+both at two threads, where the separate kernels are fastest on one or two. The pipeline runs it for the runs with a
+packed int8 conv2d in them (``int8_only``: int8 modules; fp32's tuned kernels gained nothing merged), and compiles
+them with LLVM's LICM promotion limit raised (:data:`targets.pipeline.LLVM_OPTIONS`): in a launch body that long,
+LLVM left the tensor intrinsics' scratch values and the conv2d accumulators in memory and the tuned VNNI and AVX2
+kernels ran at half speed.
 """
 
 from __future__ import annotations
@@ -253,9 +257,24 @@ def _uses_tiles(func: tirx.PrimFunc) -> bool:
     return any(amx.is_tile_state_request(s) for s in _statements(_root(func).body))
 
 
-def _runs(func: relax.Function, mod: tvm.IRModule, amx_only: bool = False) -> list:
+def _is_int8_conv2d(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a packed int8 conv2d kernel: AMX tiles, or a block of :func:`passes.vnni.conv2d_nchwc_int8`
+    (VNNI, AVX-512, AVX2 dot products)."""
+    import tvm_ffi
+    from tvm.s_tir import SBlock
+
+    from passes import vnni
+
+    if _uses_tiles(func):
+        return True
+    names = []
+    tvm_ffi.structural_walk(func.body, [(SBlock, lambda b: names.append(b.name_hint))])
+    return any(name.startswith(vnni.CONV_NAME) for name in names)
+
+
+def _runs(func: relax.Function, mod: tvm.IRModule, int8_only: bool = False) -> list:
     """[(bindings of a run, the vars of it used after it)] for each run of two or more launchable kernels (with
-    ``amx_only``, of the runs with an AMX tile kernel in them)."""
+    ``int8_only``, of the runs with a packed int8 conv2d kernel in them)."""
     flat = [b for block in func.body.blocks for b in block.bindings]
     last_use = {}  # var -> index of the last binding using it (len(flat): the function's result)
     for i, binding in enumerate(flat):
@@ -266,7 +285,7 @@ def _runs(func: relax.Function, mod: tvm.IRModule, amx_only: bool = False) -> li
     runs = []
 
     def close(run, end):
-        if len(run) >= 2 and (not amx_only or any(_uses_tiles(mod[call_tir_parts(b.value)[0]]) for b in run)):
+        if len(run) >= 2 and (not int8_only or any(_is_int8_conv2d(mod[call_tir_parts(b.value)[0]]) for b in run)):
             runs.append((run, [b.var for b in run if last_use.get(b.var, -1) >= end]))
 
     start = 0
@@ -322,15 +341,16 @@ class _Rewriter(PyExprMutator):
 class MergeParallelLaunches:
     """Each run of consecutive launchable kernels (:func:`launchable`) of every Relax function: one PrimFunc, one
     thread-pool launch (:func:`merge_kernels`). Run it last among the kernel rewrites, before lowering.
-    ``amx_only``: only runs with an AMX tile kernel in them (where it was measured to pay: an fp32 or a VNNI
-    module's tuned kernels ran slower in one launch)."""
+    ``int8_only``: only runs with a packed int8 conv2d kernel in them (where it was measured to pay: an fp32
+    module's tuned kernels ran no faster in one launch). Compile the result with :data:`targets.pipeline.LLVM_OPTIONS`.
+    """
 
-    def __init__(self, amx_only: bool = False):
-        self.amx_only = amx_only
+    def __init__(self, int8_only: bool = False):
+        self.int8_only = int8_only
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         def rewriter(mod, func):
-            runs = _runs(func, mod, self.amx_only)
+            runs = _runs(func, mod, self.int8_only)
             return _Rewriter(mod, runs) if runs else None
 
         return rewrite_functions(mod, rewriter)

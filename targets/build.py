@@ -18,6 +18,7 @@ from tvm import relax
 
 from targets import TargetSpec
 from targets.cuda import cuda_compile_callback
+from targets.pipeline import compile_target
 
 
 def relax_pipeline(spec: TargetSpec, database=None) -> tvm.transform.Pass:
@@ -55,7 +56,7 @@ def compile_module(mod: tvm.IRModule, spec: TargetSpec, database=None):
     compiles and embeds it). The executable carries ``targets_spec`` and ``targets_cuda`` (the
     :class:`targets.cuda.CompileRecord`, or None) for the export.
     """
-    target = spec.tvm_target()
+    target = compile_target(spec)  # the spec's target, with the LLVM options a merged launch needs
     with target:
         lowered = relax_pipeline(spec, database)(mod)
     if spec.kind == "cuda":

@@ -15,9 +15,9 @@ built::
     lowering (to the target)                    legalize -> MetaScheduleApplyDatabase -> ApplyByAnchor (a database)
                                                   -> DLight
                                                   (CUDA: GPU rules; CPU: ParallelFallback, the untuned kernels'
-                                                  spatial loops on the thread pool; x86 int8: FusePadIntoProducer;
-                                                  AMX: MergeParallelLaunches) -> TVM's dataflow lowering
-                                                  and finalization
+                                                  spatial loops on the thread pool; x86 int8: FusePadIntoProducer,
+                                                  MergeParallelLaunches) -> TVM's dataflow lowering
+                                                  and finalization (x86 int8: compile_target's LLVM options)
 
 int8 needs a calibration (:func:`passes.quantize.calibrate`, run on the fp32 module :meth:`Pipeline.fp32` makes)
 before :meth:`Pipeline.graph` can be built. Reports (channels stripped, layers quantized) travel as module
@@ -34,7 +34,8 @@ from tvm import relax
 
 from targets import TargetSpec
 
-__all__ = ["Pipeline", "pipeline", "legalize_passes", "apply_database_passes"]
+__all__ = ["Pipeline", "pipeline", "legalize_passes", "apply_database_passes", "kernel_passes", "compile_target",
+           "LLVM_OPTIONS"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 
@@ -105,15 +106,35 @@ def _fuse_pads(target):
 
 
 def _merge_launches(target):
-    """On AMX CPUs, the runs of kernels with AMX tile kernels in them (int8 modules) in one thread-pool launch each
-    (:mod:`passes.parallel_launch`): batch 1 0.25 -> 0.20 ms at 1 thread, 0.27 -> 0.19 at 2. Not for other
-    modules or classes: there the tuned kernels, outlined into one launch body, lost their speed
-    (x86-64-v4-vnni batch 1: 0.435 -> 0.816 ms at 1 thread; ``benchmarks/parallel_launch.md``). The lowering
-    pipeline does not know the module's precision; the AMX kernels in a run say it is int8."""
+    """On x86 int8 targets (AMX, VNNI, AVX-512, AVX2), the runs of kernels with a packed int8 conv2d in them in one
+    thread-pool launch each (:mod:`passes.parallel_launch`; compiled with :data:`LLVM_OPTIONS`, see
+    :func:`compile_target`). Shipped model, batch 1, best of 1 and 2 threads (``benchmarks/parallel_launch.md``):
+    AMX 0.25 -> 0.19 ms, VNNI 0.48 -> 0.40, AVX2 0.87 -> 0.77. Not for fp32 modules: their tuned kernels ran no faster
+    in one launch. The lowering pipeline does not know the module's precision; the int8 conv2d kernels say it."""
     from passes import vnni
     from passes.parallel_launch import MergeParallelLaunches
 
-    return [MergeParallelLaunches(amx_only=True)] if vnni.target_int8_isa(target) == "amx" else []
+    return [MergeParallelLaunches(int8_only=True)] if vnni.target_int8_isa(target) is not None else []
+
+
+# LLVM's loop-invariant code motion keeps a loop's memory values in registers only when the loop has at most 250
+# memory accesses (-licm-mssa-max-acc-promotion, 250 by default). In a launch body that merges a whole int8 model
+# the tuned VNNI and AVX2 conv2d kernels then kept their accumulators and the dot-product intrinsics' scratch values
+# in memory, a store and a load around every vpdpbusd / vpmaddubsw, and ran at about half speed (x86-64-v4-vnni,
+# shipped model, one thread: 0.43 ms as separate kernels, 0.82 in one launch, 0.43 with this). The separate kernels
+# compile to the same code with it or without it.
+LLVM_OPTIONS = ("-licm-mssa-max-acc-promotion:uint=100000",)
+
+
+def compile_target(spec: TargetSpec):
+    """The TVM target a module for ``spec`` is compiled with: :meth:`TargetSpec.tvm_target`, plus
+    :data:`LLVM_OPTIONS` where the lowering merges launches (:func:`_merge_launches`)."""
+    target = spec.tvm_target()
+    if target.kind.name != "llvm" or not _merge_launches(target):
+        return target
+    target_json = dict(spec.target_json())
+    target_json["cl-opt"] = list(target_json.get("cl-opt", [])) + list(LLVM_OPTIONS)
+    return tvm.target.Target(target_json)
 
 
 def _gpu_rules():
@@ -195,7 +216,7 @@ class Pipeline:
         from compiler.tuning.database import open_database
 
         spec = self.spec
-        target = spec.tvm_target()
+        target = compile_target(spec)
         db = open_database(database) if database is not None else None
         stages = _stages("cuda" if spec.kind == "cuda" else "cpu_generic")
 

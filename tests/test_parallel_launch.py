@@ -113,39 +113,80 @@ def _restore_threads():
     threads.set_tvm(threads.cores())
 
 
-def test_amx_only_leaves_a_run_without_tile_kernels():
+def test_int8_only_leaves_a_run_without_int8_conv2d_kernels():
     double = _kernel(lambda a: a * 2.0, 1, True)
     before = _module([(double, [0]), (double, [1])])
-    assert _calls(MergeParallelLaunches(amx_only=True)(before)) == ["k0", "k0"]
+    assert _calls(MergeParallelLaunches(int8_only=True)(before)) == ["k0", "k0"]
+    assert _calls(MergeParallelLaunches()(before)) == ["fused_launch"]
 
 
-def test_builds_for_amx_merge_the_int8_module_and_leave_the_fp32_one():
-    """What ``build`` lowers for x86-64-v4-amx (compiled nowhere, so on any CPU): the shipped pruned ResNet56 in int8
-    runs its AMX kernels in one launch; in fp32 (no tile kernel, tuned kernels that ran slower merged) nothing is
-    merged. The lowering pipeline is built without the precision, so this is the check that the pass runs at all."""
+def _shipped_lowered(target_name: str, precision: str):
+    """What ``build`` lowers for ``target_name`` (compiled nowhere, so on any CPU): the shipped pruned ResNet56 with
+    the committed records ``build`` would apply."""
     from compiler import zoo
     from compiler.build import lower
     from compiler.tuning import database as tdb
     from targets import get
     from targets.build import relax_pipeline
+    from targets.pipeline import compile_target
 
-    spec = get("x86-64-v4-amx")
+    spec = get(target_name)
     ckpt = zoo.load("resnet56", None, None, quiet=True)
+    lowered = lower(ckpt.model, 1, precision, spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
+                    shipped=zoo.calibration(ckpt, 512) if precision == "int8" else None)
+    database, _ = tdb.find_database(spec, ckpt.model_name, tdb.variant_of(lowered.module, precision))
+    library, _ = tdb.find_library(spec, precision, 1)
+    with compile_target(spec):
+        return relax_pipeline(spec, tdb.combine(database, library))(lowered.module)
+
+
+@pytest.mark.parametrize("target_name", ["x86-64-v4-amx", "x86-64-v3"])
+def test_builds_for_x86_merge_the_int8_module_and_leave_the_fp32_one(target_name):
+    """The shipped pruned ResNet56 in int8 runs its kernels in one launch, on AMX and on AVX2 alike; in fp32 (no
+    int8 conv2d; tuned kernels that ran no faster merged) nothing is merged. The lowering pipeline is built without
+    the precision, so this is the check that the pass runs at all."""
     kernels = {}
     for precision in ("int8", "fp32"):
-        lowered = lower(ckpt.model, 1, precision, spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
-                        shipped=zoo.calibration(ckpt, 512) if precision == "int8" else None)
-        library, _ = tdb.find_library(spec, precision, 1)
-        with spec.tvm_target():
-            low = relax_pipeline(spec, library)(lowered.module)
+        low = _shipped_lowered(target_name, precision)
         kernels[precision] = [gv.name_hint for gv, f in low.functions_items() if isinstance(f, tirx.PrimFunc)]
         if precision == "int8":
             launch = next(f for gv, f in low.functions_items() if gv.name_hint == "fused_launch").script()
-    # int8: the one launch, the classifier's matmul and the input quantize (which precedes the first tile kernel)
+    # int8: the one launch, the classifier's matmul and (AMX) the input quantize before the first tile kernel
     assert "fused_launch" in kernels["int8"] and len(kernels["int8"]) <= 4, kernels["int8"]
     assert "fused_launch" not in kernels["fp32"] and len(kernels["fp32"]) >= 10, kernels["fp32"]  # distinct kernels
-    # the tile configuration saved once per thread for the whole launch, not once per tile chunk
-    assert launch.count("llvm.x86.sttilecfg") == 1 and launch.count("llvm.x86.ldtilecfg") > 40
+    if target_name == "x86-64-v4-amx":  # the tile configuration saved once per thread for the whole launch
+        assert launch.count("llvm.x86.sttilecfg") == 1 and launch.count("llvm.x86.ldtilecfg") > 40
+    else:
+        assert "llvm.x86.avx2.pmadd.ub.sw" in launch and "llvm.x86.sttilecfg" not in launch
+
+
+def _scratch_stores(target) -> int:
+    """Stores into the dot-product intrinsics' scratch values (``passes/vnni.py``: A_i32, A_bytes, B_bytes, pairs)
+    in the LLVM IR of the shipped model's x86-64-v3 int8 launch, compiled for ``target``."""
+    import re
+
+    low = _shipped_lowered("x86-64-v3", "int8")
+    launch = next(f for gv, f in low.functions_items() if gv.name_hint == "fused_launch")
+    with tvm.transform.PassContext(opt_level=3):
+        lib = tvm.compile(tvm.IRModule({"main": launch.with_attr("global_symbol", "main")}), target=target)
+    ir = lib.mod.inspect_source("ll")
+    return len(re.findall(r"^\s+store [^,]+, ptr %(?:A_i32|A_bytes|B_bytes|pairs)\d*,", ir, re.M))
+
+
+def test_a_merged_launch_keeps_the_dot_product_scratch_in_registers():
+    """Regression (issue 21): LLVM's LICM keeps a loop's values in registers only up to 250 memory accesses in it, so
+    in the one-launch body the tuned AVX2 conv2d kernels stored and reloaded the intrinsics' scratch values and
+    accumulators around every vpmaddubsw and ran at half speed. compile_target raises the limit: the stores left are
+    a few per kernel (216 for 27 conv2d kernels; 3,314 without the option, about one per scratch value and dot
+    product)."""
+    from targets import get
+    from targets.pipeline import LLVM_OPTIONS, compile_target
+
+    target = compile_target(get("x86-64-v3"))
+    assert list(target.attrs["cl-opt"]) == list(LLVM_OPTIONS)
+    with_option = _scratch_stores(target)
+    without = _scratch_stores(get("x86-64-v3").tvm_target())
+    assert with_option <= 10 * 27 and 10 * with_option < without, (with_option, without)
 
 
 def test_a_zero_border_gets_no_barrier_unless_it_ends_its_kernel():
