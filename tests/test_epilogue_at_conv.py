@@ -1,0 +1,105 @@
+"""ComputeEpilogueAtConv2d: a tuned packed int8 conv2d kernel's epilogue moves under the conv2d's parallel loop, and
+the kernel computes exactly what it did before (the shipped model's x86-64-v3 kernels, with the committed records)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, tirx
+
+from passes.epilogue_at_conv import ComputeEpilogueAtConv2d, epilogue_at_conv2d
+
+_KERNELS: dict = {}
+
+
+def _scheduled_kernels() -> dict:
+    """{name: PrimFunc} of the shipped pruned ResNet56 in int8 for x86-64-v3, scheduled by the committed records
+    (the kernels ComputeEpilogueAtConv2d receives in build's pipeline)."""
+    if not _KERNELS:
+        import targets
+        from compiler import zoo
+        from compiler.build import lower
+        from compiler.tuning import database as tdb
+        from targets.pipeline import _cpu_fallback, apply_database_passes, legalize_passes
+
+        spec = targets.get("x86-64-v3")
+        ckpt = zoo.load("resnet56", None, None, quiet=True)
+        lowered = lower(ckpt.model, 1, "int8", spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
+                        shipped=zoo.calibration(ckpt, 512))
+        database, _ = tdb.find_database(spec, ckpt.model_name, tdb.variant_of(lowered.module, "int8"))
+        target = spec.tvm_target()
+        with target, database:
+            mod = tvm.transform.Sequential(legalize_passes(target) + apply_database_passes(database)
+                                           + [_cpu_fallback()])(lowered.module)
+        _KERNELS.update({gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)})
+    return _KERNELS
+
+
+def _conv_kernels() -> dict:
+    return {name: f for name, f in _scheduled_kernels().items() if name.startswith("fused_conv2d_nchwc_int8")}
+
+
+def test_every_tuned_conv2d_gets_its_epilogue_under_the_parallel_loop():
+    kernels = _conv_kernels()
+    assert len(kernels) >= 15, sorted(kernels)
+    for name, func in kernels.items():
+        moved = epilogue_at_conv2d(func)
+        assert moved is not None, name
+        sch = s_tir.Schedule(tvm.IRModule({"main": moved}))
+        conv = sch.get_sblock("conv2d_nchwc_int8_o_update")
+        (epilogue,) = sch.get_consumers(conv)
+        outer = sch.get(sch.get_loops(conv)[0])
+        assert outer.kind == tirx.ForKind.PARALLEL
+        assert sch.get(sch.get_loops(epilogue)[0]).same_as(outer), name  # the same loop: computed tile by tile
+        assert sch.get(sch.get_loops(epilogue)[-1]).kind == tirx.ForKind.VECTORIZED, name
+        # the kernel's root holds one loop nest now, not two
+        assert len([s for s in moved.body.block.body.seq if isinstance(s, tirx.For)]
+                   if isinstance(moved.body.block.body, tirx.SeqStmt) else [moved.body.block.body]) == 1, name
+
+
+def test_kernels_that_are_not_tuned_conv2d_are_left_alone():
+    others = {name: f for name, f in _scheduled_kernels().items() if name not in _conv_kernels()}
+    assert others
+    for name, func in others.items():
+        assert epilogue_at_conv2d(func) is None, name
+    module = tvm.IRModule({"k": next(iter(others.values()))})
+    assert ComputeEpilogueAtConv2d()(module).same_as(module)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_the_moved_epilogue_computes_the_same_values(n_threads):
+    """Bit for bit, on random inputs, at 1 and 2 threads, for the 16- and the 8-channel-block kernels (AVX2 code:
+    runs on any x86-64-v3 CPU)."""
+    import targets
+    from compiler import threads
+    from targets import x86
+
+    missing = x86.missing_features(targets.get("x86-64-v3").required_cpu_features())
+    if missing is None or missing:
+        pytest.skip(f"this CPU cannot run x86-64-v3 code (missing: {', '.join(missing or ['unknown'])})")
+    target = targets.get("x86-64-v3").tvm_target()
+    kernels = _conv_kernels()
+    picked = [name for name in sorted(kernels) if "add" in name][:3]  # with residual adds and without
+    rng = np.random.default_rng(0)
+    try:
+        threads.set_tvm(n_threads)
+        for name in picked:
+            outs = []
+            for func in (kernels[name], epilogue_at_conv2d(kernels[name])):
+                with tvm.transform.PassContext(opt_level=3):
+                    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+                rng = np.random.default_rng(0)
+                args = []
+                for param in func.params:
+                    shape, dtype = [int(s) for s in param.shape], str(param.dtype)
+                    # small codes and positive scales: outputs spread over the uint8 range, not clipped to 0
+                    values = (rng.integers(0, 8, shape) if dtype == "uint8" else rng.integers(-4, 5, shape)
+                              if "int" in dtype else rng.uniform(0.05, 0.5, shape))
+                    args.append(tvm.runtime.tensor(values.astype(dtype), tvm.cpu()))
+                lib["main"](*args)
+                outs.append(args[-1].numpy())
+            np.testing.assert_array_equal(outs[1], outs[0], err_msg=name)
+            assert len(np.unique(outs[0])) > 8, name  # the output was written, with values of all kinds
+    finally:
+        threads.set_tvm(threads.cores())
