@@ -7,6 +7,7 @@ and, with ``--data``, top-1 on the CIFAR-10 test images. Used by ``pad_fusion.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -22,6 +23,27 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default=None, help="CIFAR-10 folder: top-1 (default: no top-1); the calibration is the "
                                                 "shipped one")
     p.add_argument("--json", default=None, help="write the results here")
+
+
+@contextlib.contextmanager
+def swapped(obj, name: str, value):
+    """``obj.name`` (a pipeline step, e.g. ``targets.pipeline._epilogues``) replaced by ``value`` for the block."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def main_with(doc: str, variants: dict, baseline: str, argv=None) -> int:
+    """A benchmark script's ``main``: the arguments of :func:`add_arguments` (description: ``doc``'s first line),
+    then :func:`compare` of ``variants`` against ``baseline``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_arguments(p)
+    return compare(p.parse_args(argv), variants, baseline)
 
 
 def compare(args, variants: dict, baseline: str, available=None) -> int:

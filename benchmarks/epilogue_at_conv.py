@@ -9,39 +9,22 @@ Prints the table of ``benchmarks/build_variants.py``; exits 1 if the two builds'
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.build_variants import add_arguments, compare  # noqa: E402
+from benchmarks.build_variants import main_with, swapped  # noqa: E402
 
 ON = "epilogue at conv2d"
 OFF = "epilogue as tuned"
 
 
-@contextlib.contextmanager
-def _epilogue(on: bool):
-    """build's pipeline with ComputeEpilogueAtConv2d (``on``) or without it."""
-    from passes.epilogue_at_conv import ComputeEpilogueAtConv2d
+def main(argv=None) -> int:
     from targets import pipeline
 
-    fuse_pads = pipeline._fuse_pads
-    pipeline._fuse_pads = lambda target: [p for p in fuse_pads(target)
-                                          if on or not isinstance(p, ComputeEpilogueAtConv2d)]
-    try:
-        yield
-    finally:
-        pipeline._fuse_pads = fuse_pads
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return compare(args, {ON: lambda: _epilogue(True), OFF: lambda: _epilogue(False)}, OFF)
+    return main_with(__doc__, {ON: lambda: swapped(pipeline, "_epilogues", pipeline._epilogues),
+                               OFF: lambda: swapped(pipeline, "_epilogues", lambda target: [])}, OFF, argv)
 
 
 if __name__ == "__main__":

@@ -11,38 +11,24 @@ difference|); exits 1 if the separate kernels do not equal the one launch bit fo
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.build_variants import add_arguments, compare  # noqa: E402
+from benchmarks.build_variants import main_with, swapped  # noqa: E402
 
 ONE = "one launch per run"
 SEPARATE = "separate kernels"
 
 
-@contextlib.contextmanager
-def _merge(on: bool):
-    """The pipeline with MergeParallelLaunches (``on``) or without it, whatever the target."""
+def main(argv=None) -> int:
+    """The pipeline with MergeParallelLaunches (on every run, whatever the target) and without it."""
     from passes.parallel_launch import MergeParallelLaunches
     from targets import pipeline
 
-    merge = pipeline._merge_launches
-    pipeline._merge_launches = lambda target: [MergeParallelLaunches()] if on else []
-    try:
-        yield
-    finally:
-        pipeline._merge_launches = merge
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return compare(args, {ONE: lambda: _merge(True), SEPARATE: lambda: _merge(False)}, SEPARATE)
+    return main_with(__doc__, {ONE: lambda: swapped(pipeline, "_merge_launches", lambda t: [MergeParallelLaunches()]),
+                               SEPARATE: lambda: swapped(pipeline, "_merge_launches", lambda t: [])}, SEPARATE, argv)
 
 
 if __name__ == "__main__":

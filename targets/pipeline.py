@@ -78,7 +78,7 @@ def kernel_passes(target, database=None) -> list:
     fallback, pad fusion and launch merging; :meth:`Pipeline.lowering` follows them with TVM's dataflow lowering."""
     tuned = apply_database_passes(database) if database is not None else []
     schedule = [_gpu_rules()] if target.kind.name == "cuda" else \
-        [_cpu_fallback()] + _fuse_pads(target) + _merge_launches(target)
+        [_cpu_fallback()] + _epilogues(target) + _fuse_pads(target) + _merge_launches(target)
     return legalize_passes(target) + tuned + schedule
 
 
@@ -97,15 +97,22 @@ def _cpu_fallback():
     return ParallelFallback()
 
 
-def _fuse_pads(target):
+def _epilogues(target):
     """On x86 each tuned packed int8 conv2d computes its epilogue tile by tile inside its own parallel loop
-    (:mod:`passes.epilogue_at_conv`), and the conv2d kernels write the next conv's zero-padded input themselves
-    (:mod:`passes.fuse_pad`); both run on scheduled kernels, so every record and fixed schedule applies as before."""
+    (:mod:`passes.epilogue_at_conv`); it runs on scheduled kernels, before pad fusion."""
     from passes import vnni
     from passes.epilogue_at_conv import ComputeEpilogueAtConv2d
+
+    return [ComputeEpilogueAtConv2d()] if vnni.target_int8_isa(target) is not None else []
+
+
+def _fuse_pads(target):
+    """On x86 the packed int8 conv2d kernels write the next conv's zero-padded input themselves
+    (:mod:`passes.fuse_pad`); it runs on scheduled kernels, so every record and fixed schedule applies as before."""
+    from passes import vnni
     from passes.fuse_pad import FusePadIntoProducer
 
-    return [ComputeEpilogueAtConv2d(), FusePadIntoProducer()] if vnni.target_int8_isa(target) is not None else []
+    return [FusePadIntoProducer()] if vnni.target_int8_isa(target) is not None else []
 
 
 def _merge_launches(target):
