@@ -37,7 +37,7 @@ import tvm
 from tvm import tirx
 
 from passes import vnni
-from passes.patterns import i64, is_scheduled, with_root_body
+from passes.patterns import i64, is_scheduled, with_functions, with_root_body
 
 __all__ = ["ScheduleAmxConv2d", "schedule_amx_conv2d", "tile_config", "is_amx_target", "save_once_per_thread",
            "CHUNKS", "PARALLEL_MIN_MACS"]
@@ -348,9 +348,4 @@ class ScheduleAmxConv2d:
             scheduled = schedule_amx_conv2d(func, self.chunks, self.parallel_min_macs)
             if scheduled is not None:
                 updates[gv] = scheduled
-        if not updates:
-            return mod
-        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return with_functions(mod, updates)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from passes.patterns import is_scheduled
+from passes.patterns import is_scheduled, scheduled_like, with_functions
 
 __all__ = ["ApplyByAnchor", "by_anchor_block"]
 
@@ -66,15 +66,6 @@ class ApplyByAnchor:
                     schedule_using_anchor_trace(sch, record.trace, target)
                 except Exception:  # noqa: BLE001 - the trace does not replay here: the fallback schedule takes it
                     continue
-                new = sch.mod["main"]
-                symbol = (func.attrs or {}).get("global_symbol")
-                new = new.with_attr("global_symbol", symbol) if symbol is not None else new.without_attr(
-                    "global_symbol")
-                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+                updates[gv] = scheduled_like(sch.mod["main"], func)
                 break
-        if not updates:
-            return mod
-        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
-        for gv, func in updates.items():
-            out[gv] = func
-        return out
+        return with_functions(mod, updates)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from passes.patterns import is_scheduled
+from passes.patterns import is_scheduled, scheduled_like, with_functions
 
 __all__ = ["ComputeEpilogueAtConv2d", "epilogue_at_conv2d", "UNROLL"]
 
@@ -68,10 +68,7 @@ def epilogue_at_conv2d(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             sch.annotate(fused, "pragma_unroll_explicit", 1)
     except s_tir.ScheduleError:
         return None
-    new = sch.mod["main"]
-    symbol = (func.attrs or {}).get("global_symbol")
-    new = new.with_attr("global_symbol", symbol) if symbol is not None else new.without_attr("global_symbol")
-    return new.with_attr("tirx.is_scheduled", True)
+    return scheduled_like(sch.mod["main"], func)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ComputeEpilogueAtConv2d")
@@ -79,14 +76,5 @@ class ComputeEpilogueAtConv2d:
     """:func:`epilogue_at_conv2d` on every PrimFunc of the module it applies to (the others are left as they are)."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        changed = {}
-        for gv, func in mod.functions_items():
-            new = epilogue_at_conv2d(func) if isinstance(func, tirx.PrimFunc) else None
-            if new is not None:
-                changed[gv] = new
-        if not changed:
-            return mod
-        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
-        for gv, func in changed.items():
-            out[gv] = func
-        return out
+        moved = {gv: epilogue_at_conv2d(func) for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+        return with_functions(mod, {gv: func for gv, func in moved.items() if func is not None})

@@ -1,5 +1,6 @@
 """Pattern helpers shared by the rewriting passes: what a Relax binding's value is (op name, constant, dtype,
-static shape), whether a PrimFunc already has its schedule, and two TIR builders the kernel rewrites share."""
+static shape), whether a PrimFunc already has its schedule, a module with some functions replaced, and two TIR
+builders the kernel rewrites share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ def is_scheduled(func) -> bool:
     """Whether the PrimFunc ``func`` is marked ``tirx.is_scheduled`` (a record or a fixed schedule gave it one)."""
     attrs = func.attrs
     return bool(attrs is not None and "tirx.is_scheduled" in attrs and int(attrs["tirx.is_scheduled"]) == 1)
+
+
+def scheduled_like(new, func):
+    """``new`` (the ``main`` of a schedule made from ``func``) as ``func``'s scheduled replacement: ``func``'s global
+    symbol (or none, as a private kernel has), marked ``tirx.is_scheduled``."""
+    symbol = (func.attrs or {}).get("global_symbol")
+    new = new.with_attr("global_symbol", symbol) if symbol is not None else new.without_attr("global_symbol")
+    return new.with_attr("tirx.is_scheduled", True)
+
+
+def with_functions(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
+    """A copy of ``mod`` (attributes and global infos kept) with the functions of ``updates`` ({GlobalVar: function})
+    in place of its own; ``mod`` itself when ``updates`` is empty."""
+    if not updates:
+        return mod
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, func in updates.items():
+        out[gv] = func
+    return out
 
 
 def op_name(expr) -> str | None:

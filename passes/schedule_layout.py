@@ -21,7 +21,7 @@ import tvm
 from tvm import tirx
 
 from passes import vnni
-from passes.patterns import is_scheduled
+from passes.patterns import is_scheduled, with_functions
 
 __all__ = ["ScheduleLayoutKernels", "is_layout_kernel", "schedule_injective", "PARALLEL_MIN_ELEMENTS"]
 
@@ -106,10 +106,4 @@ class ScheduleLayoutKernels:
             scheduled = schedule_injective(func, self.parallel_min)
             if scheduled is not None:
                 updates[gv] = scheduled
-        if not updates:
-            return mod
-        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions_items()),
-                                                                                    attrs=mod.attrs)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return with_functions(mod, updates)
