@@ -524,6 +524,48 @@ def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_i
     assert database.tune_dir(host, primary) == primary
 
 
+def _timed_at(directory: Path, threads: int | None) -> None:
+    meta = database.read_meta(directory)
+    meta["sessions"] = [{"trials": 8} if threads is None else {"trials": 8, "threads": threads}]
+    database.write_meta(directory, meta)
+
+
+def test_build_prefers_records_timed_at_its_thread_count_to_this_cpus_own(tmp_path, host, lowered, monkeypatch):
+    """Of the databases that fit, build applies the one timed at the thread count it runs first, then this CPU's
+    own: records tuned as one core (the session-6 Zen 3 ones) ran the shipped model 1.7x slower on two threads than
+    records of the same class timed on two (benchmarks/x86_classes.md, session 22)."""
+    import dataclasses
+
+    import targets
+
+    from compiler import threads
+
+    cls = targets.cpu_class(host.device["mcpu"])
+    if cls is None:
+        pytest.skip(f"this CPU ({host.device['mcpu']}) is in no x86-64 class (v3/v4)")
+    variant = database.variant_of(lowered, "fp32")
+    root = tmp_path / "root"
+    primary = database.log_dir("host", "resnet8", variant, root)
+    other = next(c for c in SAME_CLASS[cls] if c != host.device["mcpu"])
+    _fake_log(primary, dataclasses.replace(host, device=dict(host.device, mcpu=other)), "resnet8", variant)
+    _timed_at(primary, 2)
+    own = _fake_log(primary.parent / f"{primary.name}@{host.device['mcpu']}", host, "resnet8", variant)
+    _timed_at(own, None)  # no threads field: timed on one thread
+    dirs = database.candidate_dirs(host, "resnet8", variant, root)
+    assert database.best_dir(dirs, host, threads=2)[:2] == (primary, database.target_match(
+        database.read_meta(primary), host)[0])
+    assert database.best_dir(dirs, host, threads=1)[:2] == (own, "exact")
+    assert database.best_dir(dirs, host, threads=8)[0] == primary  # nearest: 2 threads
+    monkeypatch.setattr(threads, "_user_env", "2")
+    db, info = database.find_database(host, "resnet8", variant, root=root)
+    assert info["path"] == str(primary) and info["match"].startswith("same ISA class")
+    _timed_at(own, 2)  # this CPU's records re-timed on two threads win again
+    db, info = database.find_database(host, "resnet8", variant, root=root)
+    assert info["path"] == str(own) and info["match"] == "exact"
+    assert database.measured_threads({"sessions": [{}, {"threads": 2}]}) == 2
+    assert database.measured_threads({"sessions": []}) == database.measured_threads({}) == 1
+
+
 def test_the_measuring_process_runs_tvm_with_no_thread_pinned(monkeypatch):
     """The LocalRunner's worker (the process that times every candidate) configures TVM's pool as set_tvm does: no
     thread pinned to one core, so a candidate is not timed at one core's speed when the OS puts the calling thread

@@ -540,11 +540,33 @@ def _cpu_siblings(directory: Path) -> list:
     return sorted(p for p in directory.parent.glob(f"{directory.name}@*") if p.is_dir())
 
 
-def best_dir(dirs, spec, accept=None):
-    """``(directory, how, why_not)``: the first of ``dirs`` tuned on exactly this target (this CPU), else the
-    first of the same x86 class; ``(None, None, why)`` with the first reason one was skipped when none fits.
-    ``accept(meta)`` may add a reason of its own to skip a folder (None when it fits)."""
-    same_class, why_first = None, None
+def measured_threads(meta: dict) -> int:
+    """The thread count ``meta``'s records were timed at: the most any tuning session used (a session without the
+    field was timed on one thread, TVM's default pool on the 2-vCPU machines those were tuned on)."""
+    counts = []
+    for session in meta.get("sessions") or [{}]:
+        try:
+            counts.append(max(1, int(session.get("threads") or 1)))
+        except (TypeError, ValueError):
+            counts.append(1)
+    return max(counts)
+
+
+def best_dir(dirs, spec, accept=None, threads: int | None = None):
+    """``(directory, how, why_not)``: of ``dirs`` that fit ``spec``, the one whose records were timed nearest
+    ``threads`` (default: the threads a build here runs, :func:`compiler.threads.cores` or ``TVM_NUM_THREADS``),
+    and of those the first tuned on exactly this target (this CPU), else the first of the same x86 class;
+    ``(None, None, why)`` with the first reason one was skipped when none fits. ``accept(meta)`` may add a reason
+    of its own to skip a folder (None when it fits).
+
+    Threads come first because a schedule timed on one thread was chosen blind to the second: the AVX2 records
+    tuned as one core on a Zen 3 ran the shipped model at 1.10 ms on two threads, those tuned on two threads (on
+    another CPU of the class) 0.64 ms, the same at one thread (benchmarks/x86_classes.md, session 22)."""
+    if threads is None:
+        from compiler import threads as thread_counts
+
+        threads = thread_counts.user_tvm_threads() or thread_counts.cores()
+    fitting, why_first = [], None
     for d in dirs:
         if not (d / META_FILE).is_file() or not (d / RECORD_FILE).is_file():
             continue
@@ -555,11 +577,10 @@ def best_dir(dirs, spec, accept=None):
         if why is not None:
             why_first = why_first or (d, why)
             continue
-        if how == "exact":
-            return d, how, None
-        same_class = same_class or (d, how)
-    if same_class is not None:
-        return same_class[0], same_class[1], None
+        fitting.append((abs(measured_threads(meta) - threads), how != "exact", len(fitting), d, how))
+    if fitting:
+        _, _, _, d, how = min(fitting)
+        return d, how, None
     return (why_first[0], None, why_first[1]) if why_first else (None, None, None)
 
 
