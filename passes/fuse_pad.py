@@ -7,7 +7,8 @@ NCHW[ic_bn]c with the conv's spatial zero padding). At batch 1 that kernel moves
 call itself, and a residual network has one per conv2d (51 of the pruned ResNet56's 116 kernel calls). Where the
 unpadded tensor ``q`` sits in the padded one ``p`` at fixed strides - one channel block of ``p`` holding all of
 ``q``'s (``ic_bn = OB * ob``) or the same blocks (``ic_bn = ob``), and no zero channels to add - ``q`` is a strided
-view of ``p``'s interior. Then, after every schedule is applied (tuned, fixed or fallback), this pass:
+view of ``p``'s interior; at batch 1 also where each block of ``p`` holds ``split`` consecutive blocks of ``q`` (AVX2's
+conv2d writes 8-channel blocks, the next one reads 16: a 6-D view, :class:`View`). Then, after every schedule is applied (tuned, fixed or fallback), this pass:
 
 - gives the producing kernel ``p`` as its output buffer: its body writes the view (the same stores, other
   strides), and a few loops at its start write the zero border (the padding rows and columns) - so the producer
@@ -36,16 +37,25 @@ from passes.binding_mutator import rewrite_functions
 from passes.patterns import call_tir_parts, i64, static_shape, with_root_body
 from passes.parallel_launch import BORDER_ANNOTATION
 
-__all__ = ["FusePadIntoProducer", "PAD_ATTR", "View", "view_of", "with_view_param"]
+__all__ = ["FusePadIntoProducer", "PAD_ATTR", "SPLIT_MAX_BATCH", "View", "view_of", "with_view_param"]
 
 # the attribute Int8Layout gives each vnni_pad_repack PrimFunc: [top, left, bottom, right, real channels]
 PAD_ATTR = "vnni_pad"
+# The largest batch at which a split view (View.split) replaces its pad kernel. The producer then writes half of each
+# 16-byte pixel per pass; at batch 1 that beats a kernel call and a barrier, at batch 64 the pad kernel's contiguous
+# copy is cheaper. x86-64-v3, shipped model, this Xeon (benchmarks/pad_fusion.md, session 22), 2 threads: batch 1
+# 0.616 -> 0.592 ms, batch 64 28.61 -> 30.04 ms.
+SPLIT_MAX_BATCH = 1
 
 
 @dataclass(frozen=True)
 class View:
     """Where a packed tensor of ``shape`` (N, OB, H, W, ob) lies in the padded tensor of ``padded``
-    (N, ICB, H + top + bottom, W + left + right, ic_bn): element strides and offset of the interior."""
+    (N, ICB, H + top + bottom, W + left + right, ic_bn): element strides and offset of the interior. With
+    ``split`` > 1 each channel block of the padded tensor holds ``split`` consecutive blocks of the packed one
+    (``ic_bn = split * ob``: AVX2's conv2d writes 8-channel blocks and the next one reads 16); no single stride
+    steps over those, so the interior is the 6-D view (N, OB // split, split, H, W, ob) of :meth:`interior` and
+    every access ``[n, o, y, x, c]`` becomes ``[n, o // split, o % split, y, x, c]``."""
 
     shape: tuple
     padded: tuple
@@ -53,6 +63,16 @@ class View:
     left: int
     strides: tuple
     offset: int
+    split: int = 1
+
+    def interior(self) -> tuple[tuple, tuple]:
+        """(shape, strides) of the interior's buffer: ``shape`` and ``strides``, or the 6-D ones of a split."""
+        if self.split == 1:
+            return self.shape, self.strides
+        n, ob_count, h, w, ob = self.shape
+        plane = self.padded[2] * self.padded[3] * self.padded[4]
+        return ((n, ob_count // self.split, self.split, h, w, ob),
+                (self.strides[0], plane, ob, self.strides[2], self.strides[3], 1))
 
     def border(self) -> list[tuple[int, int, int, int]]:
         """The padding of one channel block as (y0, y1, x0, x1) strips: rows above and below, then the columns
@@ -77,15 +97,18 @@ def view_of(shape, padded, pad) -> View | None:
     if channels != ib_count * ic_bn or channels > ob_count * ob:
         return None
     plane = hp * wp * ic_bn
+    split = 1
     if ib_count == 1 and ob_count * ob == ic_bn:  # every block of q side by side in p's one block
         o_stride = ob
     elif ic_bn == ob and ib_count == ob_count:  # the same blocks
         o_stride = plane
+    elif ic_bn % ob == 0 and ib_count * (ic_bn // ob) == ob_count:  # split consecutive blocks of q in each of p's
+        o_stride, split = None, ic_bn // ob
     else:
         return None
     strides = (ib_count * plane, o_stride, wp * ic_bn, ic_bn, 1)
     return View(tuple(int(d) for d in shape), tuple(int(d) for d in padded), top, left, strides,
-                (top * wp + left) * ic_bn)
+                (top * wp + left) * ic_bn, split)
 
 
 def _zero_border(p: tirx.Buffer, view: View) -> tirx.Stmt:
@@ -117,15 +140,68 @@ def with_view_param(func: tirx.PrimFunc, index: int, view: View, output: bool) -
     if wide:
         func = func.with_body(_split_vectors(func.body, wide, view.shape[-1]))
     padded = tirx.decl_buffer([i64(d) for d in view.padded], str(old.dtype), name=f"{old.name}_padded")
-    interior = tirx.decl_buffer(list(old.shape), str(old.dtype), name=old.name,
-                                strides=[i64(s) for s in view.strides], elem_offset=i64(view.offset))
+    shape, strides = view.interior()
+    interior = tirx.decl_buffer([i64(d) for d in shape] if view.split > 1 else list(old.shape), str(old.dtype),
+                                name=old.name, strides=[i64(s) for s in strides], elem_offset=i64(view.offset))
     head = [tirx.DeclBuffer(interior, data=padded.data)] + ([_zero_border(padded, view)] if output else [])
-    # every use of the parameter's buffer var (loads, stores, block regions) becomes the view
-    body = tvm_ffi.structural_map(func.body, [(tirx.Var, lambda v: interior if v.same_as(old) else v)],
-                                  order="post")
+    if view.split > 1:
+        body = _split_blocks(func.body, old, interior, view)
+    else:  # every use of the parameter's buffer var (loads, stores, block regions) becomes the view
+        body = tvm_ffi.structural_map(func.body, [(tirx.Var, lambda v: interior if v.same_as(old) else v)],
+                                      order="post")
     body = with_root_body(body, lambda inner: tirx.SeqStmt(head + [inner]))
     params = [padded if i == index else p for i, p in enumerate(func.params)]
     return tirx.PrimFunc(params, body, func.ret_type, func.attrs)
+
+
+def _split_blocks(body, old: tirx.Buffer, interior: tirx.Buffer, view: View):
+    """``body`` with every load, store and block region of ``old`` (N, OB, H, W, ob) on the 6-D ``interior`` of a
+    split view: ``[n, o, y, x, c]`` -> ``[n, o // split, o % split, y, x, c]``; a region over several blocks covers
+    the whole of both block dimensions. ValueError where ``old`` is used otherwise, or the block index is a vector."""
+    import tvm_ffi
+    from tvm.ir.expr import TensorLoad, TensorRegion
+
+    split = view.split
+    _, ib_count, _, _, _, _ = view.interior()[0]
+
+    def indices(idx):
+        n, o, y, x, c = idx
+        if getattr(o.ty, "lanes", 1) != 1:
+            raise ValueError(f"{old.name}: a vector over channel blocks")
+        k = tirx.const(split, str(o.ty.dtype))
+        return [n, tirx.floordiv(o, k), tirx.floormod(o, k), y, x, c]
+
+    def region(r):
+        n, o, y, x, c = r
+        try:
+            one = int(o.extent) == 1
+        except TypeError:
+            one = False
+        if one:
+            k = tirx.const(split, str(o.min.ty.dtype))
+            blocks = [tvm.ir.Range.from_min_extent(tirx.floordiv(o.min, k), i64(1)),
+                      tvm.ir.Range.from_min_extent(tirx.floormod(o.min, k), i64(1))]
+        else:
+            blocks = [tvm.ir.Range.from_min_extent(i64(0), i64(ib_count)),
+                      tvm.ir.Range.from_min_extent(i64(0), i64(split))]
+        return [n, *blocks, y, x, c]
+
+    def load(node):  # this TVM's BufferLoad node (TensorLoad: ``source``, ``indices``)
+        return tirx.BufferLoad(interior, indices(node.indices)) if node.source.same_as(old) else node
+
+    def store(node):
+        return tirx.BufferStore(interior, node.value, indices(node.indices)) if node.buffer.same_as(old) else node
+
+    def buffer_region(node):  # a block's read / write region (TensorRegion: ``source``, ``region``)
+        return tirx.BufferRegion(interior, region(node.region)) if node.source.same_as(old) else node
+
+    out = tvm_ffi.structural_map(body, [(TensorLoad, load), (tirx.BufferStore, store),
+                                        (TensorRegion, buffer_region)], order="post")
+    left = []
+    tvm_ffi.structural_walk(out, [(tirx.Var, lambda v: left.append(v) if v.same_as(old) else None)])
+    if left:
+        raise ValueError(f"{old.name} is used otherwise than by loads, stores and block regions")
+    return out
 
 
 def _wide_loops(func: tirx.PrimFunc, name: str, lanes: int) -> list:
@@ -188,6 +264,16 @@ def _split_vectors(body, wide: list, lanes: int):
     return tvm_ffi.structural_map(body, [(tirx.For, cut)], order="pre")
 
 
+def _splittable(func: tirx.PrimFunc, index: int, view: View, output: bool) -> bool:
+    """Whether :func:`with_view_param` can put parameter ``index`` of ``func`` on a split view (every use of it a
+    load, store or block region whose channel-block index is a scalar)."""
+    try:
+        with_view_param(func, index, view, output)
+    except ValueError:
+        return False
+    return True
+
+
 def _plan(func: relax.Function, mod: tvm.IRModule):
     """{q var: (p var, View)} of the pads of ``func`` that can go, and {call var: [(arg index, View)]} of the
     kernels reading a dropped ``q``."""
@@ -222,14 +308,15 @@ def _plan(func: relax.Function, mod: tvm.IRModule):
             continue
         shape, padded = _shape(q), _shape(p)
         view = None if shape is None or padded is None else view_of(shape, padded, list(pad.attrs[PAD_ATTR]))
-        if view is None or str(q.ty.dtype) != str(p.ty.dtype):
+        if view is None or str(q.ty.dtype) != str(p.ty.dtype) or (view.split > 1 and shape[0] > SPLIT_MAX_BATCH):
             continue
         others = [(var, j) for var, j in readers.get(q, []) if not var.same_as(p)]
         if len(others) + 1 != len(readers.get(q, [])):  # the pad reads q once
             continue
         lanes = shape[-1]
-        if not _viewable(producer, len(calls[q][1]), lanes) \
-                or not all(_viewable(mod[calls[var][0]], j, lanes) for var, j in others):
+        uses = [(producer, len(calls[q][1]), True)] + [(mod[calls[var][0]], j, False) for var, j in others]
+        if not all(_viewable(f, j, lanes) for f, j, _ in uses) \
+                or (view.split > 1 and not all(_splittable(f, j, view, out) for f, j, out in uses)):
             continue
         pairs[q] = (p, view)
         for var, j in others:

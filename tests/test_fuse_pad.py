@@ -24,13 +24,17 @@ def test_view_of_the_two_layouts_that_are_strided_views():
     assert v.strides == (3200, 1600, 160, 16, 1) and v.offset == 11 * 16
     assert view_of((1, 1, 32, 32, 16), (1, 1, 35, 34, 16), [2, 1, 1, 1, 16]).offset == (2 * 34 + 1) * 16
     assert [s for s in v.border()] == [(0, 1, 0, 10), (9, 10, 0, 10), (1, 9, 0, 1), (1, 9, 9, 10)]
+    # two of q's blocks in each of p's (AVX2: 8-channel blocks out, 16 in): a 6-D view, block o at o // 2, o % 2
+    v = view_of((1, 4, 8, 8, 8), (1, 2, 10, 10, 16), [1, 1, 1, 1, 32])
+    assert v.split == 2 and v.offset == 11 * 16
+    assert v.interior() == ((1, 2, 2, 8, 8, 8), (3200, 1600, 8, 160, 16, 1))
 
 
 @pytest.mark.parametrize("shape,padded,pad", [
     ((1, 1, 32, 32, 16), (1, 1, 34, 34, 8), [1, 1, 1, 1, 8]),  # p keeps 8 of q's 16 channels
     ((1, 3, 8, 8, 16), (1, 1, 10, 10, 40), [1, 1, 1, 1, 40]),  # 40 of 48
     ((1, 2, 8, 8, 16), (1, 1, 10, 10, 32), [1, 1, 1, 1, 28]),  # p has zero channels q does not
-    ((1, 4, 8, 8, 8), (1, 2, 10, 10, 16), [1, 1, 1, 1, 32]),  # a block of p spans two of q's, twice
+    ((1, 4, 8, 8, 16), (1, 2, 10, 10, 24), [1, 1, 1, 1, 48]),  # a block of p spans parts of two of q's
     ((1, 1, 8, 8, 16), (1, 1, 10, 10, 16), [1, 1, 0, 0, 16]),  # the padding does not add up to the shape
 ])
 def test_view_of_refuses_what_is_not_a_strided_view(shape, padded, pad):
@@ -49,7 +53,8 @@ def _consumer(shape):
 
 
 CASES = [((2, 4, 6, 6, 16), (2, 1, 8, 8, 64), [1, 1, 1, 1, 64]),
-         ((1, 2, 5, 7, 8), (1, 2, 7, 9, 8), [1, 1, 1, 1, 16])]
+         ((1, 2, 5, 7, 8), (1, 2, 7, 9, 8), [1, 1, 1, 1, 16]),
+         ((2, 6, 5, 7, 8), (2, 3, 7, 9, 16), [1, 1, 1, 1, 48])]  # split: two 8-blocks in each 16-block
 
 
 @pytest.mark.parametrize("shape,padded,pad", CASES)
@@ -176,11 +181,13 @@ def test_vectors_across_pixels_are_cut_into_channel_blocks():
     assert not _viewable(_flat_vectorized_producer((1, 1, 3, 4, 8), 12), 1, 8)
 
 
-def test_the_shipped_model_loses_its_pad_kernels_and_no_value_changes():
-    """The shipped pruned ResNet56 for x86-64-v4-vnni (the records of its class) built with and without the pass:
-    bit-identical logits on the 32 shipped test images, and all 51 padding kernels gone (in the VNNI layout every
-    one's input is a strided view of its output: 16-channel blocks, 8 for the 8-channel conv1s). Launch merging is
-    off in both builds: it would take the padding kernels into its launch and hide them from the count."""
+@pytest.mark.parametrize("target,batch,left", [("x86-64-v4-vnni", 32, 0), ("x86-64-v3", 1, 0), ("x86-64-v3", 32, 20)])
+def test_the_shipped_model_loses_its_pad_kernels_and_no_value_changes(target, batch, left):
+    """The shipped pruned ResNet56 built with and without the pass: bit-identical logits on the 32 shipped test
+    images, and the 51 padding kernels gone but ``left`` (VNNI: every one's input is a strided view of its output,
+    16-channel blocks, 8 for the 8-channel conv1s; AVX2: 20 of them read two 8-channel blocks into each 16-channel
+    one, a split view, fused at batch 1 only: fuse_pad.SPLIT_MAX_BATCH). Launch merging is off in both builds: it
+    would take the padding kernels into its launch and hide them from the count."""
     import re
 
     import torch
@@ -193,16 +200,16 @@ def test_the_shipped_model_loses_its_pad_kernels_and_no_value_changes():
 
     from targets import x86
 
-    spec = targets.get("x86-64-v4-vnni")
+    spec = targets.get(target)
     missing = x86.missing_features(spec.required_cpu_features())
     if missing is None or missing:
-        pytest.skip(f"this CPU cannot run x86-64-v4-vnni code (missing: {', '.join(missing or ['unknown'])})")
+        pytest.skip(f"this CPU cannot run {target} code (missing: {', '.join(missing or ['unknown'])})")
     ckpt = zoo.load("resnet56", None, None, quiet=True)
     verify = zoo.verification_set("resnet56")
     x = data.normalize(torch.from_numpy(verify["images"]), ckpt.normalize).numpy()
-    lowered = lower(ckpt.model, 32, "int8", spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
+    lowered = lower(ckpt.model, batch, "int8", spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
                     shipped=zoo.calibration(ckpt, 512))
-    library, _ = tdb.find_library(spec, "int8", 32)
+    library, _ = tdb.find_library(spec, "int8", batch)
     logits, pads = {}, {}
     original, merge = pipeline._fuse_pads, pipeline._merge_launches
     for fused in (False, True):
@@ -215,6 +222,6 @@ def test_the_shipped_model_loses_its_pad_kernels_and_no_value_changes():
         finally:
             pipeline._fuse_pads, pipeline._merge_launches = original, merge
         pads[fused] = len(re.findall(r"\bvnni_pad_repack\d*\(", low["main"].script()))
-        logits[fused] = run_module(exe, x, 32)
+        logits[fused] = run_module(exe, x, batch)
     np.testing.assert_array_equal(logits[True], logits[False])
-    assert (pads[False], pads[True]) == (51, 0)
+    assert (pads[False], pads[True]) == (51, left)
