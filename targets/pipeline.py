@@ -78,7 +78,7 @@ def kernel_passes(target, database=None) -> list:
     fallback, pad fusion and launch merging; :meth:`Pipeline.lowering` follows them with TVM's dataflow lowering."""
     tuned = apply_database_passes(database) if database is not None else []
     schedule = [_gpu_rules()] if target.kind.name == "cuda" else \
-        [_cpu_fallback()] + _epilogues(target) + _fuse_pads(target) + _merge_launches(target)
+        [_cpu_fallback()] + _rows_first(target) + _epilogues(target) + _fuse_pads(target) + _merge_launches(target)
     return legalize_passes(target) + tuned + schedule
 
 
@@ -95,6 +95,15 @@ def _cpu_fallback():
     from passes.parallel_fallback import ParallelFallback
 
     return ParallelFallback()
+
+
+def _rows_first(target):
+    """On x86 the packed int8 conv2d kernels with small weights run their parallel loop output rows first, so each
+    thread reads the rows it wrote (:mod:`passes.rows_first`); before the epilogue pass, which follows that loop."""
+    from passes import vnni
+    from passes.rows_first import RowsFirstConv2d
+
+    return [RowsFirstConv2d()] if vnni.target_int8_isa(target) is not None else []
 
 
 def _epilogues(target):

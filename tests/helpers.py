@@ -102,3 +102,32 @@ def saved_resnet8(directory) -> tuple[torch.nn.Module, object]:
     path = directory / "r8.pt"
     save_checkpoint(path, "resnet8", model, "cifar")
     return model, path
+
+
+_KERNELS: dict = {}
+
+
+def scheduled_kernels(target_name: str) -> dict:
+    """{name: PrimFunc} of the shipped pruned ResNet56 in int8 for ``target_name``, scheduled by the committed
+    records and the CPU fallback (the kernels the x86 int8 passes after them receive in build's pipeline); cached."""
+    if target_name not in _KERNELS:
+        import tvm
+        from tvm import tirx
+
+        import targets
+        from compiler import zoo
+        from compiler.build import lower
+        from compiler.tuning import database as tdb
+        from targets.pipeline import _cpu_fallback, apply_database_passes, legalize_passes
+
+        spec = targets.get(target_name)
+        ckpt = zoo.load("resnet56", None, None, quiet=True)
+        lowered = lower(ckpt.model, 1, "int8", spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
+                        shipped=zoo.calibration(ckpt, 512))
+        database, _ = tdb.find_database(spec, ckpt.model_name, tdb.variant_of(lowered.module, "int8"))
+        target = spec.tvm_target()
+        with target, database:
+            mod = tvm.transform.Sequential(legalize_passes(target) + apply_database_passes(database)
+                                           + [_cpu_fallback()])(lowered.module)
+        _KERNELS[target_name] = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    return _KERNELS[target_name]
