@@ -3,7 +3,8 @@
     python benchmarks/kernel_profile.py [--checkpoint CKPT] [--target host] [--precision int8] [--tuning-log DIR]
 
 Lowers the model exactly as `build` does (compiler.build.lower, then the target pipeline with the database
-`build` would pick), compiles every PrimFunc the Relax ``main`` calls on its own, and times it with TVM's
+`build` would pick), compiles every PrimFunc the Relax ``main`` calls on its own (``--separate``: with launch merging off, so each
+kernel is a row), and times it with TVM's
 time_evaluator on random inputs (hot caches: a lower bound of its cost inside the model). Prints one row per
 kernel: calls per image, microseconds per call at 1 and 2 threads, and the totals; the sum is close to, not equal
 to, the model's latency (the VM's own overhead and cold caches are not in it). This TVM build has no Relax VM
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="batch size the module is built for (default 1)")
     p.add_argument("--tuning-log", default=None, help="default: the database build would apply")
     p.add_argument("--data", default=None, help="CIFAR-10 folder for the int8 calibration (default: random images)")
+    p.add_argument("--separate", action="store_true", help="launch merging off (targets.pipeline._merge_launches): "
+                                                           "one row per kernel instead of one for the launch")
     args = p.parse_args(argv)
 
     from compiler import threads
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     from compiler.build import lower
     from compiler.tuning import database as tuning_db
     from compiler.tuning.tvm_compat import register_tensor_intrinsics
+    from targets import pipeline
     from targets.build import relax_pipeline
 
     ckpt = zoo.load(args.model, args.checkpoint, None, quiet=True)
@@ -57,8 +61,15 @@ def main(argv=None) -> int:
     db = tuning_db.combine(db, library)
     register_tensor_intrinsics()
     target = spec.tvm_target()
-    with target:
-        low = relax_pipeline(spec, db)(lowered.module)
+    compile_as = pipeline.compile_target(spec)  # with the LLVM options a merged launch is compiled with
+    merge = pipeline._merge_launches
+    if args.separate:
+        pipeline._merge_launches = lambda target: []
+    try:
+        with target:
+            low = relax_pipeline(spec, db)(lowered.module)
+    finally:
+        pipeline._merge_launches = merge
     calls = collections.Counter(re.findall(r"^\s+(\w+)\(", low["main"].script(), re.M))
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
@@ -67,7 +78,7 @@ def main(argv=None) -> int:
         name = gv.name_hint
         if not isinstance(func, tirx.PrimFunc) or name not in calls:
             continue
-        lib = tvm.compile(func.with_attr("global_symbol", name), target=target)
+        lib = tvm.compile(func.with_attr("global_symbol", name), target=compile_as)
         tensors = []
         for param in func.params:
             shape, dtype = [int(s) for s in param.shape], str(param.dtype)

@@ -51,11 +51,12 @@ def _update(func: tirx.PrimFunc):
     from passes import vnni
 
     name = f"{vnni.CONV_NAME}_o_update"
-    for loop in _walk(func.body, tirx.For):
+    for loop in _walk(func.body, tirx.For):  # outermost first
         if loop.kind != tirx.ForKind.PARALLEL:
             continue
         realizes = [r for r in _walk(loop.body, s_tir.SBlockRealize) if r.block.name_hint == name]
-        return (realizes[0], loop) if len(realizes) == 1 else None
+        if realizes:
+            return (realizes[0], loop) if len(realizes) == 1 else None
     return None
 
 
