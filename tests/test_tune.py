@@ -482,10 +482,9 @@ def test_build_verb_applies_the_database(tuned, resnet8, tmp_path, tiny_cifar):
                      "--data", str(tiny_cifar), "--out", str(tmp_path / "art2"), "--tuning-log", str(other)]) == 2
 
 
-def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_it(tmp_path, host, lowered):
-    """A database holds one CPU's measurements: when tuning_logs/host/<model>-<variant> was tuned on another CPU
-    of this class (Zen 3 records on a Zen 1), tune writes <model>-<variant>@<mcpu> beside it instead of mixing
-    timings of two machines, and build then applies this CPU's own records before the borrowed ones."""
+def _class_folders(host, lowered, tmp_path):
+    """(this CPU's x86-64 class, the fp32 variant, a tuning_logs root, its usual folder there, another CPU of the
+    class); skips where the CPU is in no class."""
     import targets
 
     cls = targets.cpu_class(host.device["mcpu"])
@@ -493,9 +492,18 @@ def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_i
         pytest.skip(f"this CPU ({host.device['mcpu']}) is in no x86-64 class (v3/v4)")
     variant = database.variant_of(lowered, "fp32")
     root = tmp_path / "root"
-    primary = database.log_dir("host", "resnet8", variant, root)
-    assert database.tune_dir(host, primary) == primary  # free: the usual folder
     other = next(c for c in SAME_CLASS[cls] if c != host.device["mcpu"])
+    return cls, variant, root, database.log_dir("host", "resnet8", variant, root), other
+
+
+def test_a_second_cpu_of_a_class_tunes_into_its_own_database_and_build_prefers_it(tmp_path, host, lowered):
+    """A database holds one CPU's measurements: when tuning_logs/host/<model>-<variant> was tuned on another CPU
+    of this class (Zen 3 records on a Zen 1), tune writes <model>-<variant>@<mcpu> beside it instead of mixing
+    timings of two machines, and build then applies this CPU's own records before the borrowed ones."""
+    import targets
+
+    cls, variant, root, primary, other = _class_folders(host, lowered, tmp_path)
+    assert database.tune_dir(host, primary) == primary  # free: the usual folder
     _fake_log(primary, dataclasses.replace(host, device=dict(host.device, mcpu=other)), "resnet8", variant)
     own = database.tune_dir(host, primary)
     assert own == primary.parent / f"{primary.name}@{host.device['mcpu']}"
@@ -533,20 +541,12 @@ def _timed_at(directory: Path, threads: int | None) -> None:
 def test_build_prefers_records_timed_at_its_thread_count_to_this_cpus_own(tmp_path, host, lowered, monkeypatch):
     """Of the databases that fit, build applies the one timed at the thread count it runs first, then this CPU's
     own: records tuned as one core (the session-6 Zen 3 ones) ran the shipped model 1.7x slower on two threads than
-    records of the same class timed on two (benchmarks/x86_classes.md, session 22)."""
+    records of the same class timed on two (tuning_logs/README.md)."""
     import dataclasses
-
-    import targets
 
     from compiler import threads
 
-    cls = targets.cpu_class(host.device["mcpu"])
-    if cls is None:
-        pytest.skip(f"this CPU ({host.device['mcpu']}) is in no x86-64 class (v3/v4)")
-    variant = database.variant_of(lowered, "fp32")
-    root = tmp_path / "root"
-    primary = database.log_dir("host", "resnet8", variant, root)
-    other = next(c for c in SAME_CLASS[cls] if c != host.device["mcpu"])
+    _, variant, root, primary, other = _class_folders(host, lowered, tmp_path)
     _fake_log(primary, dataclasses.replace(host, device=dict(host.device, mcpu=other)), "resnet8", variant)
     _timed_at(primary, 2)
     own = _fake_log(primary.parent / f"{primary.name}@{host.device['mcpu']}", host, "resnet8", variant)
