@@ -111,7 +111,7 @@ def rows_first(func: tirx.PrimFunc, max_weight_bytes: int = MAX_WEIGHT_BYTES) ->
     if found is None:
         return None
     realize, loop = found
-    if weight_bytes(realize) > max_weight_bytes:
+    if not isinstance(loop.extent, tvm.tirx.IntImm) or weight_bytes(realize) > max_weight_bytes:
         return None
     domains = {n.loop_var: tvm.ir.Range.from_min_extent(n.min, n.extent) for n in _walk(func.body, tirx.For)}
     levels = loop_levels(realize, loop, domains)
