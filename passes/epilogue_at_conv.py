@@ -35,11 +35,11 @@ UNROLL = 16  # pragma_auto_unroll_max_step on the epilogue's fused loop
 
 
 def _conv2d_update(sch):
-    """The tensorized conv2d's update block (``<CONV_NAME>_o_update``: blockize, then decompose_reduction), or None."""
+    """The tensorized conv2d's update block (:data:`passes.vnni.CONV_UPDATE_BLOCK`), or None."""
     from passes import vnni
 
     try:
-        return sch.get_sblock(f"{vnni.CONV_NAME}_o_update")
+        return sch.get_sblock(vnni.CONV_UPDATE_BLOCK)
     except Exception:  # noqa: BLE001 - not a tensorized packed int8 conv2d kernel
         return None
 

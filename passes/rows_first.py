@@ -50,11 +50,11 @@ def _update(func: tirx.PrimFunc):
     """The tensorized conv2d's update block realize and the outermost ``parallel`` loop above it, or None."""
     from passes import vnni
 
-    name = f"{vnni.CONV_NAME}_o_update"
     for loop in _walk(func.body, tirx.For):  # outermost first
         if loop.kind != tirx.ForKind.PARALLEL:
             continue
-        realizes = [r for r in _walk(loop.body, s_tir.SBlockRealize) if r.block.name_hint == name]
+        realizes = [r for r in _walk(loop.body, s_tir.SBlockRealize)
+                    if r.block.name_hint == vnni.CONV_UPDATE_BLOCK]
         if realizes:
             return (realizes[0], loop) if len(realizes) == 1 else None
     return None

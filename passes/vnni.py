@@ -33,6 +33,8 @@ CONV_NAME, UNPACK_NAME = "conv2d_nchwc_int8", "vnni_unpack"
 REPACK_NAME, FLOAT_PACK_NAME = "vnni_quantize_repack", "vnni_pack_float"
 QUANTIZE_NAME, PAD_NAME = "vnni_quantize_packed", "vnni_pad_repack"  # the quantize a conv's epilogue takes in; its pad
 KERNEL_NAMES = (CONV_NAME, UNPACK_NAME, REPACK_NAME, FLOAT_PACK_NAME, QUANTIZE_NAME, PAD_NAME)
+# a tuned conv2d's tensorized update block (MetaSchedule's blockize, then decompose_reduction, name it so)
+CONV_UPDATE_BLOCK = f"{CONV_NAME}_o_update"
 
 # x86 without VNNI: u8 x s8 -> s16 pairs (vpmaddubsw), then s16 pairs -> s32 (vpmaddwd with ones). The description
 # is the same as the VNNI intrinsics' (C[lanes] += sum_k u8 A[k] * s8 B[i, k]), so the packed layout is the same.

@@ -561,7 +561,7 @@ def best_dir(dirs, spec, accept=None, threads: int | None = None):
 
     Threads come first because a schedule timed on one thread was chosen blind to the second: the AVX2 records
     tuned as one core on a Zen 3 ran the shipped model at 1.10 ms on two threads, those tuned on two threads (on
-    another CPU of the class) 0.64 ms, the same at one thread (benchmarks/x86_classes.md, session 22)."""
+    another CPU of the class) 0.64 ms, the same at one thread (tuning_logs/README.md)."""
     if threads is None:
         from compiler import threads as thread_counts
 
