@@ -6,7 +6,9 @@ Each artifact is loaded as every verb loads it (compiler.artifact.load_local: re
 then timed with compiler.bench's time_evaluator scheme (median of ``--repeat`` runs of ``--number`` calls) in
 ``--rounds`` rounds, the artifacts interleaved within each round so that load from other jobs on a shared machine
 falls on all of them alike; the median over rounds is reported with the spread. Also prints the physical limit:
-compiled MACs / the class's peak int8 or fp32 multiply-accumulates per cycle of one core.
+compiled MACs / the class's peak int8 or fp32 multiply-accumulates per cycle of one core, in cycles: divide by the
+clock the core really runs (``benchmarks/avx2_peak.c`` measures it; ``/proc/cpuinfo`` shows a VM's nominal clock,
+2.6 GHz on the Xeon that runs at 4.0).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"cpu": console.cpu_name(), "rounds": args.rounds, "rows": rows},
                                               indent=1) + "\n")
     if args.write_precision:
-        write_precision(rows, loaded, " ".join(["python", "benchmarks/x86_classes.py", *sys.argv[1:]]))
+        write_precision(rows, loaded, " ".join([*_pinning(), "python", "benchmarks/x86_classes.py", *sys.argv[1:]]))
     return 0
 
 
@@ -111,6 +113,18 @@ def write_precision(rows: list[dict], loaded: list, command: str) -> None:
             "threads": 1, "where": where, "command": command,
             "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     fileio.write_json(x86.MEASURED, out)
+
+
+def _pinning() -> list[str]:
+    """The thread count and CPU pinning this process ran under, as the words of a command line that sets them
+    (``TVM_NUM_THREADS=1 taskset -c 0``): the one-thread medians are only comparable measured the same way."""
+    import os
+
+    words = [f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}"] if os.environ.get("TVM_NUM_THREADS") else []
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < (os.cpu_count() or len(cpus)):
+        words += ["taskset", "-c", ",".join(map(str, cpus))]
+    return words
 
 
 def _tuned(t: dict) -> str:

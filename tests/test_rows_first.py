@@ -111,7 +111,8 @@ def _x86_64_v3_or_skip():
 
 def test_the_shipped_models_small_weight_kernels_run_rows_first():
     """x86-64-v3, the committed records: every tuned conv2d with weights up to the limit runs rows first after the
-    pass (5 of the first stage's were not), the larger ones keep the record's order."""
+    pass (4 of the first stage's were not with session 24's records; 5 with session 21's), the larger ones keep the
+    record's order."""
     kernels = {n: f for n, f in scheduled_kernels("x86-64-v3").items() if n.startswith("fused_conv2d_nchwc_int8")}
     changed = 0
     for name, func in kernels.items():
@@ -128,7 +129,7 @@ def test_the_shipped_models_small_weight_kernels_run_rows_first():
             assert _per_axis(new_levels) == _per_axis(levels), name
             levels = new_levels
         assert levels == rf._rows_first_order(levels), name
-    assert changed == 5
+    assert changed == 4
     assert sum(_levels(f)[1] > rf.MAX_WEIGHT_BYTES for f in kernels.values()) >= 8
 
 
