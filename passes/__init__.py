@@ -9,8 +9,11 @@ attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per targe
     Int8Layout         passes/int8_layout.py          int8 conv2d in the packed layout of x86 int8 dot products
     ScheduleLayoutKernels passes/schedule_layout.py   a fixed vectorized schedule for that layout's data movers
     ScheduleAmxConv2d  passes/amx.py                  the packed int8 conv2d kernels on Intel AMX tiles (fixed)
+    RowsFirstConv2d    passes/rows_first.py           small-weight packed conv2d kernels: parallel loop rows first
+    ComputeEpilogueAtConv2d passes/epilogue_at_conv.py a packed conv2d's epilogue tile by tile in its own loop
     FusePadIntoProducer passes/fuse_pad.py            a packed conv2d writes the next one's zero-padded input
-    MergeParallelLaunches passes/parallel_launch.py  AMX int8 kernels in one thread-pool launch, barriers between
+    InverseScaleQuantize passes/inverse_scale.py      quantize by the inverse scale: one hoisted division
+    MergeParallelLaunches passes/parallel_launch.py  x86 int8 kernels in one thread-pool launch, barriers between
     ParallelFallback   passes/parallel_fallback.py    untuned CPU kernels: their spatial loops on the thread pool
     ApplyByAnchor      passes/apply_by_anchor.py      tuning records of a conv2d applied under another epilogue
 

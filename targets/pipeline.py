@@ -77,8 +77,9 @@ def kernel_passes(target, database=None) -> list:
     records of ``database`` (a MetaSchedule database, or None), then DLight's GPU rules (CUDA) or the CPU's
     fallback, pad fusion and launch merging; :meth:`Pipeline.lowering` follows them with TVM's dataflow lowering."""
     tuned = apply_database_passes(database) if database is not None else []
-    schedule = [_gpu_rules()] if target.kind.name == "cuda" else \
-        [_cpu_fallback()] + _rows_first(target) + _epilogues(target) + _fuse_pads(target) + _merge_launches(target)
+    schedule = [_gpu_rules()] if target.kind.name == "cuda" else (
+        [_cpu_fallback()] + _rows_first(target) + _epilogues(target) + _fuse_pads(target) + _inverse_scale(target)
+        + _merge_launches(target))
     return legalize_passes(target) + tuned + schedule
 
 
@@ -122,6 +123,15 @@ def _fuse_pads(target):
     from passes.fuse_pad import FusePadIntoProducer
 
     return [FusePadIntoProducer()] if vnni.target_int8_isa(target) is not None else []
+
+
+def _inverse_scale(target):
+    """On x86 int8 targets the scheduled kernels quantize by the inverse of the activation scale, one hoisted
+    division instead of one a vector (:mod:`passes.inverse_scale`)."""
+    from passes import vnni
+    from passes.inverse_scale import InverseScaleQuantize
+
+    return [InverseScaleQuantize()] if vnni.target_int8_isa(target) is not None else []
 
 
 def _merge_launches(target):

@@ -1,0 +1,33 @@
+"""The quantize by the inverse scale (passes/inverse_scale.py) on and off, same records, side by side.
+
+    python benchmarks/inverse_scale.py --target x86-64-v3 --rounds 9 [--data ../shared/data]
+
+The shipped pruned int8 ResNet56 built as ``build`` builds it, once with :class:`passes.inverse_scale
+.InverseScaleQuantize` (the default) and once with its step removed (each quantize divides by the scale); latency at
+1 and 2 threads (median of interleaved rounds), max |logit difference| between the two and, with ``--data``, top-1
+on the 10,000 CIFAR-10 test images (``benchmarks/build_variants.py``). Results: ``benchmarks/inverse_scale.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.build_variants import main_with, swapped  # noqa: E402
+
+OFF = "divide by the scale"
+
+
+def main(argv=None) -> int:
+    from targets import pipeline
+
+    variants = {"multiply by its inverse (default)": lambda: swapped(pipeline, "_inverse_scale",
+                                                                      pipeline._inverse_scale),
+                OFF: lambda: swapped(pipeline, "_inverse_scale", lambda target: [])}
+    return main_with(__doc__, variants, OFF, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
