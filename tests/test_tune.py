@@ -566,6 +566,41 @@ def test_build_prefers_records_timed_at_its_thread_count_to_this_cpus_own(tmp_pa
     assert database.measured_threads({"sessions": []}) == database.measured_threads({}) == 1
 
 
+CLASS_CPUS = ("haswell", "skylake", "znver2", "znver3", "rocketlake", "icelake-server", "tigerlake", "znver4",
+              "skylake-avx512")
+
+
+def test_of_other_cpus_records_build_takes_the_longer_search(tmp_path, host, lowered):
+    """Two databases of this CPU's class, neither tuned on this CPU, both timed at the build's thread count: build
+    applies the one tuned with more trials, whichever folder it is in (on the Xeon the AVX2 code ran 0.499 ms on 2
+    threads with the 2,675-trial x86-64-v3 records, 0.558 with the 1,216-trial Zen 1 ones a 2-core Zen 3 took);
+    this CPU's own records still come first."""
+    import dataclasses
+
+    import targets
+
+    cls, variant, root, primary, other = _class_folders(host, lowered, tmp_path)
+    third = [c for c in CLASS_CPUS if targets.cpu_class(c) == cls and c not in (other, host.device["mcpu"])]
+    if not third:
+        pytest.skip(f"no third CPU of class {cls} listed")
+    sibling = primary.parent / f"{primary.name}@{third[0]}"
+    for directory, cpu in ((primary, other), (sibling, third[0])):
+        _fake_log(directory, dataclasses.replace(host, device=dict(host.device, mcpu=cpu)), "resnet8", variant)
+        _timed_at(directory, 2)
+    dirs = database.candidate_dirs(host, "resnet8", variant, root)
+    assert dirs.index(primary) < dirs.index(sibling)
+    for longer, shorter in ((sibling, primary), (primary, sibling)):
+        for directory, trials in ((longer, 2675), (shorter, 1216)):
+            meta = database.read_meta(directory)
+            meta["trials"] = trials
+            database.write_meta(directory, meta)
+        assert database.best_dir(dirs, host, threads=2)[0] == longer
+    own = _fake_log(primary.parent / f"{primary.name}@{host.device['mcpu']}", host, "resnet8", variant)
+    _timed_at(own, 2)  # no trials recorded: this CPU's own all the same
+    dirs = database.candidate_dirs(host, "resnet8", variant, root)
+    assert database.best_dir(dirs, host, threads=2)[:2] == (own, "exact")
+
+
 def test_the_measuring_process_runs_tvm_with_no_thread_pinned(monkeypatch):
     """The LocalRunner's worker (the process that times every candidate) configures TVM's pool as set_tvm does: no
     thread pinned to one core, so a candidate is not timed at one core's speed when the OS puts the calling thread

@@ -552,16 +552,28 @@ def measured_threads(meta: dict) -> int:
     return max(counts)
 
 
+def _trials(meta: dict) -> int:
+    """The trials ``meta``'s database was tuned with, all sessions (0 where the field is missing or not a number)."""
+    try:
+        return max(0, int(meta.get("trials") or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def best_dir(dirs, spec, accept=None, threads: int | None = None):
     """``(directory, how, why_not)``: of ``dirs`` that fit ``spec``, the one whose records were timed nearest
     ``threads`` (default: the threads a build here runs, :func:`compiler.threads.cores` or ``TVM_NUM_THREADS``),
-    and of those the first tuned on exactly this target (this CPU), else the first of the same x86 class;
+    and of those the first tuned on exactly this target (this CPU), else, of the same x86 class, the one with the
+    most trials (a longer search; the first of equals);
     ``(None, None, why)`` with the first reason one was skipped when none fits. ``accept(meta)`` may add a reason
     of its own to skip a folder (None when it fits).
 
     Threads come first because a schedule timed on one thread was chosen blind to the second: the AVX2 records
     tuned as one core on a Zen 3 ran the shipped model at 1.10 ms on two threads, those tuned on two threads (on
-    another CPU of the class) 0.64 ms, the same at one thread (tuning_logs/README.md)."""
+    another CPU of the class) 0.64 ms, the same at one thread (tuning_logs/README.md). Trials decide between
+    records of other CPUs: on the Xeon, the AVX2 code of the shipped model ran 0.791 / 0.499 ms (1 / 2 threads) with
+    the 2,675-trial ``x86-64-v3`` records and 0.887 / 0.558 with the 1,216-trial Zen 1 ones (``...@znver1``), which a
+    2-core Zen 3 took before (both timed on 2 threads, neither on a Zen 3)."""
     if threads is None:
         from compiler import threads as thread_counts
 
@@ -577,9 +589,9 @@ def best_dir(dirs, spec, accept=None, threads: int | None = None):
         if why is not None:
             why_first = why_first or (d, why)
             continue
-        fitting.append((abs(measured_threads(meta) - threads), how != "exact", len(fitting), d, how))
+        fitting.append((abs(measured_threads(meta) - threads), how != "exact", -_trials(meta), len(fitting), d, how))
     if fitting:
-        _, _, _, d, how = min(fitting)
+        *_, d, how = min(fitting)
         return d, how, None
     return (why_first[0], None, why_first[1]) if why_first else (None, None, None)
 
