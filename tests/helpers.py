@@ -131,3 +131,15 @@ def scheduled_kernels(target_name: str) -> dict:
                                            + [_cpu_fallback()])(lowered.module)
         _KERNELS[target_name] = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     return _KERNELS[target_name]
+
+
+def skip_unless_this_cpu_runs(target_name: str) -> None:
+    """Skip the calling test where this CPU lacks a feature ``target_name``'s code needs (or they cannot be read)."""
+    import pytest
+
+    import targets
+    from targets import x86
+
+    missing = x86.missing_features(targets.get(target_name).required_cpu_features())
+    if missing is None or missing:
+        pytest.skip(f"this CPU cannot run {target_name} code (missing: {', '.join(missing or ['unknown'])})")

@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm import s_tir, tirx
 
-from helpers import scheduled_kernels
+from helpers import scheduled_kernels, skip_unless_this_cpu_runs
 from passes.epilogue_at_conv import ComputeEpilogueAtConv2d, epilogue_at_conv2d
 from passes.parallel_launch import _statements
 
@@ -54,11 +54,8 @@ def test_the_moved_epilogue_computes_the_same_values(n_threads):
     block output the classifier reads) (AVX2 code: runs on any x86-64-v3 CPU)."""
     import targets
     from compiler import threads
-    from targets import x86
 
-    missing = x86.missing_features(targets.get("x86-64-v3").required_cpu_features())
-    if missing is None or missing:
-        pytest.skip(f"this CPU cannot run x86-64-v3 code (missing: {', '.join(missing or ['unknown'])})")
+    skip_unless_this_cpu_runs("x86-64-v3")
     target = targets.get("x86-64-v3").tvm_target()
     kernels = _conv_kernels()
     kinds = {}  # (residual add, quantized output) -> the first kernel of that kind

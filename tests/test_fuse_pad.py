@@ -9,6 +9,7 @@ import tvm
 from tvm import relax, te
 
 import targets
+from helpers import skip_unless_this_cpu_runs
 from passes import fuse_pad, vnni
 from passes.fuse_pad import FusePadIntoProducer, view_of, with_view_param
 
@@ -198,12 +199,8 @@ def test_the_shipped_model_loses_its_pad_kernels_and_no_value_changes(target, ba
     from targets import pipeline
     from targets.build import relax_pipeline
 
-    from targets import x86
-
     spec = targets.get(target)
-    missing = x86.missing_features(spec.required_cpu_features())
-    if missing is None or missing:
-        pytest.skip(f"this CPU cannot run {target} code (missing: {', '.join(missing or ['unknown'])})")
+    skip_unless_this_cpu_runs(target)
     ckpt = zoo.load("resnet56", None, None, quiet=True)
     verify = zoo.verification_set("resnet56")
     x = data.normalize(torch.from_numpy(verify["images"]), ckpt.normalize).numpy()

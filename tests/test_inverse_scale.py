@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
-from helpers import scheduled_kernels
+from helpers import scheduled_kernels, skip_unless_this_cpu_runs
 from passes.inverse_scale import InverseScaleQuantize, inverse_scale
 
 
@@ -74,8 +74,7 @@ def test_the_shipped_kernels_quantize_without_a_vector_division():
     from compiler import threads
     from targets.pipeline import compile_target
 
-    if "avx2" not in open("/proc/cpuinfo").read():
-        pytest.skip("this CPU has no AVX2: the x86-64-v3 kernel cannot run here")
+    skip_unless_this_cpu_runs("x86-64-v3")
     name, func = _quantize_kernel()
     after = inverse_scale(func)
     assert after is not None, name

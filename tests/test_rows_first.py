@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
-from helpers import scheduled_kernels
+from helpers import scheduled_kernels, skip_unless_this_cpu_runs
 from passes import rows_first as rf
 from passes.rows_first import RowsFirstConv2d, rows_first
 
@@ -100,15 +100,6 @@ def test_the_tiny_kernel_computes_the_same_values():
         np.testing.assert_array_equal(_run(func, "llvm", args), want)
 
 
-def _x86_64_v3_or_skip():
-    import targets
-    from targets import x86
-
-    missing = x86.missing_features(targets.get("x86-64-v3").required_cpu_features())
-    if missing is None or missing:
-        pytest.skip(f"this CPU cannot run x86-64-v3 code (missing: {', '.join(missing or ['unknown'])})")
-
-
 def test_the_shipped_models_small_weight_kernels_run_rows_first():
     """x86-64-v3, the committed records: every tuned conv2d with weights up to the limit runs rows first after the
     pass (4 of the first stage's were not with session 24's records; 5 with session 21's), the larger ones keep the
@@ -136,7 +127,7 @@ def test_the_shipped_models_small_weight_kernels_run_rows_first():
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_the_reordered_kernels_compute_the_same_values(n_threads):
     """Bit for bit, on random inputs, at 1 and 2 threads, each shipped kernel the pass reorders (AVX2 code)."""
-    _x86_64_v3_or_skip()
+    skip_unless_this_cpu_runs("x86-64-v3")
     import targets
     from compiler import threads
 
