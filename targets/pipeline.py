@@ -16,8 +16,9 @@ built::
                                                   -> DLight
                                                   (CUDA: GPU rules; CPU: ParallelFallback, the untuned kernels'
                                                   spatial loops on the thread pool; x86 int8:
-                                                  ComputeEpilogueAtConv2d, FusePadIntoProducer,
-                                                  MergeParallelLaunches) -> TVM's dataflow lowering
+                                                  RowsFirstConv2d, ComputeEpilogueAtConv2d,
+                                                  FusePadIntoProducer, InverseScaleQuantize,
+                                                  RoundByConversion, MergeParallelLaunches) -> TVM's dataflow lowering
                                                   and finalization (x86 int8: compile_target's LLVM options)
 
 int8 needs a calibration (:func:`passes.quantize.calibrate`, run on the fp32 module :meth:`Pipeline.fp32` makes)
@@ -79,7 +80,7 @@ def kernel_passes(target, database=None) -> list:
     tuned = apply_database_passes(database) if database is not None else []
     schedule = [_gpu_rules()] if target.kind.name == "cuda" else (
         [_cpu_fallback()] + _rows_first(target) + _epilogues(target) + _fuse_pads(target) + _inverse_scale(target)
-        + _merge_launches(target))
+        + _round_by_conversion(target) + _merge_launches(target))
     return legalize_passes(target) + tuned + schedule
 
 
@@ -132,6 +133,15 @@ def _inverse_scale(target):
     from passes.inverse_scale import InverseScaleQuantize
 
     return [InverseScaleQuantize()] if vnni.target_int8_isa(target) is not None else []
+
+
+def _round_by_conversion(target):
+    """On x86 int8 targets the quantizes round, clip and narrow to bytes with one ``vcvtps2dq`` and saturating packs
+    (:mod:`passes.round_by_conversion`); the same bytes."""
+    from passes import vnni
+    from passes.round_by_conversion import RoundByConversion
+
+    return [RoundByConversion()] if vnni.target_int8_isa(target) is not None else []
 
 
 def _merge_launches(target):
