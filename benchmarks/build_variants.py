@@ -46,6 +46,16 @@ def main_with(doc: str, variants: dict, baseline: str, argv=None) -> int:
     return compare(p.parse_args(argv), variants, baseline)
 
 
+def main_step_on_off(doc: str, step: str, on: str, off: str, argv=None) -> int:
+    """:func:`main_with` for two variants: ``build``'s pipeline as it is (named ``on``) and with its step
+    ``targets.pipeline.<step>`` removed (``off``, the baseline)."""
+    from targets import pipeline
+
+    variants = {on: lambda: swapped(pipeline, step, getattr(pipeline, step)),
+                off: lambda: swapped(pipeline, step, lambda target: [])}
+    return main_with(doc, variants, off, argv)
+
+
 def compare(args, variants: dict, baseline: str, available=None) -> int:
     """Build, time and tabulate ``variants`` ({name: a no-argument context manager factory}, the default first; a
     name ``available(name, target)`` rejects is left out) for ``args`` (:func:`add_arguments`); the speed-up column is

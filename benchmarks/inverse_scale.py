@@ -15,18 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.build_variants import main_with, swapped  # noqa: E402
-
-OFF = "divide by the scale"
+from benchmarks.build_variants import main_step_on_off  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from targets import pipeline
-
-    variants = {"multiply by its inverse (default)": lambda: swapped(pipeline, "_inverse_scale",
-                                                                      pipeline._inverse_scale),
-                OFF: lambda: swapped(pipeline, "_inverse_scale", lambda target: [])}
-    return main_with(__doc__, variants, OFF, argv)
+    return main_step_on_off(__doc__, "_inverse_scale", "multiply by its inverse (default)", "divide by the scale", argv)
 
 
 if __name__ == "__main__":

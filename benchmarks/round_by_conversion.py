@@ -16,18 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.build_variants import main_with, swapped  # noqa: E402
-
-OFF = "round, clip, convert"
+from benchmarks.build_variants import main_step_on_off  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from targets import pipeline
-
-    variants = {"vcvtps2dq and packs (default)": lambda: swapped(pipeline, "_round_by_conversion",
-                                                                  pipeline._round_by_conversion),
-                OFF: lambda: swapped(pipeline, "_round_by_conversion", lambda target: [])}
-    return main_with(__doc__, variants, OFF, argv)
+    return main_step_on_off(__doc__, "_round_by_conversion", "vcvtps2dq and packs (default)", "round, clip, convert", argv)
 
 
 if __name__ == "__main__":

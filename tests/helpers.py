@@ -143,3 +143,36 @@ def skip_unless_this_cpu_runs(target_name: str) -> None:
     missing = x86.missing_features(targets.get(target_name).required_cpu_features())
     if missing is None or missing:
         pytest.skip(f"this CPU cannot run {target_name} code (missing: {', '.join(missing or ['unknown'])})")
+
+
+def run_quantize_kernels(func, libs) -> list:
+    """The outputs of ``libs`` (each ``func`` compiled as ``"k"``: a shipped conv2d kernel ending in a quantize) on
+    the same random inputs - uint8 activations, int8 weights, a plausible rescale and bias, activation scale 0.37 -
+    at one thread, in order (put a rewritten kernel first: it must not read a workspace the original left)."""
+    import numpy as np
+    import tvm
+
+    from compiler import threads
+
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    inputs, per_channel = [], iter([(0.0005, 0.002), (-2.0, 2.0)])  # the int32 sum's rescale, then the bias
+    for param in func.params[:-1]:
+        shape, dtype = [int(d) for d in param.shape], str(param.dtype)
+        if shape == [1]:  # the activation scale
+            a = np.array([0.37], dtype)
+        elif dtype == "uint8":
+            a = rng.integers(0, 128, shape).astype(dtype)
+        elif dtype == "int8":
+            a = rng.integers(-63, 64, shape).astype(dtype)
+        else:
+            a = rng.uniform(*next(per_channel), shape).astype(dtype)
+        inputs.append(tvm.runtime.tensor(a, dev))
+    out = func.params[-1]
+    threads.set_tvm(1)
+    results = []
+    for lib in libs:
+        y = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], str(out.dtype)), dev)
+        lib["k"](*inputs, y)
+        results.append(y.numpy())
+    return results

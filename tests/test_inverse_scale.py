@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
-from helpers import scheduled_kernels, skip_unless_this_cpu_runs
+from helpers import run_quantize_kernels, scheduled_kernels, skip_unless_this_cpu_runs
 from passes.inverse_scale import InverseScaleQuantize, inverse_scale
 
 
@@ -71,7 +71,6 @@ def test_the_shipped_kernels_quantize_without_a_vector_division():
     """The compiled AVX2 kernel: vdivps (one for each 8 outputs) before, none after; its uint8 outputs on random
     inputs equal the division's but for rare off-by-one ties."""
     import targets
-    from compiler import threads
     from targets.pipeline import compile_target
 
     skip_unless_this_cpu_runs("x86-64-v3")
@@ -83,28 +82,7 @@ def test_the_shipped_kernels_quantize_without_a_vector_division():
     divides = [lib.mod.inspect_source("asm").count("vdivps") for lib in libs]
     assert divides[0] == 0 and divides[1] > 0, divides
 
-    rng = np.random.default_rng(0)
-    dev = tvm.cpu()
-    inputs, per_channel = [], iter([(0.0005, 0.002), (-2.0, 2.0)])  # the int32 sum's rescale, then the bias
-    for param in func.params[:-1]:
-        shape, dtype = [int(d) for d in param.shape], str(param.dtype)
-        if shape == [1]:  # the activation scale
-            a = np.array([0.37], dtype)
-        elif dtype == "uint8":
-            a = rng.integers(0, 128, shape).astype(dtype)
-        elif dtype == "int8":
-            a = rng.integers(-63, 64, shape).astype(dtype)
-        else:
-            a = rng.uniform(*next(per_channel), shape).astype(dtype)
-        inputs.append(tvm.runtime.tensor(a, dev))
-    out = func.params[-1]
-    threads.set_tvm(1)
-    results = []
-    for lib in libs:  # the rewritten kernel first: it must not read a workspace the original left
-        y = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], str(out.dtype)), dev)
-        lib["k"](*inputs, y)
-        results.append(y.numpy().astype(np.int32))
-    inverse, divided = results
+    inverse, divided = (r.astype(np.int32) for r in run_quantize_kernels(func, libs))
     assert len(np.unique(divided)) > 50  # the outputs spread over the uint8 range, not saturated
     diff = np.abs(inverse - divided)
     assert diff.max() <= 1

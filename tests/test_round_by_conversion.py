@@ -8,7 +8,7 @@ import pytest
 import tvm
 from tvm.script import tirx as T
 
-from helpers import scheduled_kernels, skip_unless_this_cpu_runs
+from helpers import run_quantize_kernels, scheduled_kernels, skip_unless_this_cpu_runs
 from passes.round_by_conversion import RoundByConversion, round_by_conversion
 
 
@@ -117,7 +117,6 @@ def test_the_shipped_avx2_kernels_quantize_by_conversion():
     """Every quantize of the shipped model's AVX2 kernels is rewritten; the compiled stage-1 conv2d kernel has no
     vroundps left and its bytes equal the original's."""
     import targets
-    from compiler import threads
     from targets.pipeline import compile_target
 
     kernels = scheduled_kernels("x86-64-v3")
@@ -134,26 +133,6 @@ def test_the_shipped_avx2_kernels_quantize_by_conversion():
     rounds = [lib.mod.inspect_source("asm").count("vroundps") for lib in libs]
     assert rounds[0] == 0 and rounds[1] > 0, rounds
 
-    rng = np.random.default_rng(0)
-    dev = tvm.cpu()
-    inputs, per_channel = [], iter([(0.0005, 0.002), (-2.0, 2.0)])  # the int32 sum's rescale, then the bias
-    for param in func.params[:-1]:
-        shape, dtype = [int(d) for d in param.shape], str(param.dtype)
-        if shape == [1]:  # the activation scale
-            a = np.array([0.37], dtype)
-        elif dtype == "uint8":
-            a = rng.integers(0, 128, shape).astype(dtype)
-        elif dtype == "int8":
-            a = rng.integers(-63, 64, shape).astype(dtype)
-        else:
-            a = rng.uniform(*next(per_channel), shape).astype(dtype)
-        inputs.append(tvm.runtime.tensor(a, dev))
-    out = func.params[-1]
-    threads.set_tvm(1)
-    results = []
-    for lib in libs:  # the rewritten kernel first: it must not read a workspace the original left
-        y = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], str(out.dtype)), dev)
-        lib["k"](*inputs, y)
-        results.append(y.numpy())
+    results = run_quantize_kernels(func, libs)
     assert len(np.unique(results[1])) > 50  # the outputs spread over the uint8 range, not saturated
     np.testing.assert_array_equal(results[0], results[1])
