@@ -15,6 +15,7 @@ attributes (:mod:`passes.reports`). ``targets.pipeline`` composes them per targe
     InverseScaleQuantize passes/inverse_scale.py      quantize by the inverse scale: one hoisted division
     RoundByConversion  passes/round_by_conversion.py  quantize's round + clip + narrow: one vcvtps2dq and packs
     MergeParallelLaunches passes/parallel_launch.py  x86 int8 kernels in one thread-pool launch, barriers between
+    OutlineLaunchLoops passes/outline_launch.py       that launch's loops call one function per kernel (its code once)
     ParallelFallback   passes/parallel_fallback.py    untuned CPU kernels: their spatial loops on the thread pool
     ApplyByAnchor      passes/apply_by_anchor.py      tuning records of a conv2d applied under another epilogue
 

@@ -38,7 +38,8 @@ both at two threads, where the separate kernels are fastest on one or two. The p
 packed int8 conv2d in them (``int8_only``: int8 modules; fp32's tuned kernels gained nothing merged), and compiles
 them with LLVM's LICM promotion limit raised (:data:`targets.pipeline.LLVM_OPTIONS`): in a launch body that long,
 LLVM left the tensor intrinsics' scratch values and the conv2d accumulators in memory and the tuned VNNI and AVX2
-kernels ran at half speed.
+kernels ran at half speed. Since session 25 :mod:`passes.outline_launch` follows it: each parallel loop of the launch
+calls one function per kernel instead of holding a copy of its code.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ built::
                                                   spatial loops on the thread pool; x86 int8:
                                                   RowsFirstConv2d, ComputeEpilogueAtConv2d,
                                                   FusePadIntoProducer, InverseScaleQuantize,
-                                                  RoundByConversion, MergeParallelLaunches) -> TVM's dataflow lowering
+                                                  RoundByConversion, MergeParallelLaunches,
+                                                  OutlineLaunchLoops) -> TVM's dataflow lowering
                                                   and finalization (x86 int8: compile_target's LLVM options)
 
 int8 needs a calibration (:func:`passes.quantize.calibrate`, run on the fp32 module :meth:`Pipeline.fp32` makes)
@@ -80,7 +81,7 @@ def kernel_passes(target, database=None) -> list:
     tuned = apply_database_passes(database) if database is not None else []
     schedule = [_gpu_rules()] if target.kind.name == "cuda" else (
         [_cpu_fallback()] + _rows_first(target) + _epilogues(target) + _fuse_pads(target) + _inverse_scale(target)
-        + _round_by_conversion(target) + _merge_launches(target))
+        + _round_by_conversion(target) + _merge_launches(target) + _outline_launches(target))
     return legalize_passes(target) + tuned + schedule
 
 
@@ -142,6 +143,22 @@ def _round_by_conversion(target):
     from passes.round_by_conversion import RoundByConversion
 
     return [RoundByConversion()] if vnni.target_int8_isa(target) is not None else []
+
+
+def _outline_launches(target):
+    """Where launches were merged: each parallel loop's body in a function of its own, one per kernel
+    (:mod:`passes.outline_launch`: one copy of each kernel's code; the launch calls it)."""
+    from passes.outline_launch import OutlineLaunchLoops
+
+    return [OutlineLaunchLoops()] if _merge_launches(target) else []
+
+
+def _internal_loops(target):
+    """After Relax's AttachGlobalSymbol: the functions :mod:`passes.outline_launch` made stay internal (called
+    directly, not through the packed-function API)."""
+    from passes.outline_launch import KeepLoopsInternal
+
+    return [KeepLoopsInternal()] if _outline_launches(target) else []
 
 
 def _merge_launches(target):
@@ -267,6 +284,7 @@ class Pipeline:
             with target, scope:
                 seq = tvm.transform.Sequential(
                     kernel_passes(target, db) + stages.dataflow_lower_passes(target) + stages.finalize_passes(target)
+                    + _internal_loops(target)
                 )
                 return seq(mod)
 

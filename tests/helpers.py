@@ -176,3 +176,30 @@ def run_quantize_kernels(func, libs) -> list:
         lib["k"](*inputs, y)
         results.append(y.numpy())
     return results
+
+
+def shipped_lowered(target_name: str, precision: str, outline: bool = True):
+    """What ``build`` lowers for ``target_name`` (compiled nowhere, so on any CPU): the shipped pruned ResNet56 with
+    the committed records ``build`` would apply; ``outline=False``: without ``targets.pipeline._outline_launches``
+    (every kernel's code inside the merged launch, as MergeParallelLaunches leaves it)."""
+    from compiler import zoo
+    from compiler.build import lower
+    from compiler.tuning import database as tdb
+    from targets import get, pipeline
+    from targets.build import relax_pipeline
+    from targets.pipeline import compile_target
+
+    spec = get(target_name)
+    ckpt = zoo.load("resnet56", None, None, quiet=True)
+    lowered = lower(ckpt.model, 1, precision, spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
+                    shipped=zoo.calibration(ckpt, 512) if precision == "int8" else None)
+    database, _ = tdb.find_database(spec, ckpt.model_name, tdb.variant_of(lowered.module, precision))
+    library, _ = tdb.find_library(spec, precision, 1)
+    step = pipeline._outline_launches
+    if not outline:
+        pipeline._outline_launches = lambda target: []
+    try:
+        with compile_target(spec):
+            return relax_pipeline(spec, tdb.combine(database, library))(lowered.module)
+    finally:
+        pipeline._outline_launches = step

@@ -121,23 +121,11 @@ def test_int8_only_leaves_a_run_without_int8_conv2d_kernels():
 
 
 def _shipped_lowered(target_name: str, precision: str):
-    """What ``build`` lowers for ``target_name`` (compiled nowhere, so on any CPU): the shipped pruned ResNet56 with
-    the committed records ``build`` would apply."""
-    from compiler import zoo
-    from compiler.build import lower
-    from compiler.tuning import database as tdb
-    from targets import get
-    from targets.build import relax_pipeline
-    from targets.pipeline import compile_target
+    """The shipped model as ``build`` lowers it, the merged launch holding every kernel's code (no outlining: that
+    is ``tests/test_outline_launch.py``'s)."""
+    from helpers import shipped_lowered
 
-    spec = get(target_name)
-    ckpt = zoo.load("resnet56", None, None, quiet=True)
-    lowered = lower(ckpt.model, 1, precision, spec, data_dir=None, normalize=ckpt.normalize, untrained=False,
-                    shipped=zoo.calibration(ckpt, 512) if precision == "int8" else None)
-    database, _ = tdb.find_database(spec, ckpt.model_name, tdb.variant_of(lowered.module, precision))
-    library, _ = tdb.find_library(spec, precision, 1)
-    with compile_target(spec):
-        return relax_pipeline(spec, tdb.combine(database, library))(lowered.module)
+    return shipped_lowered(target_name, precision, outline=False)
 
 
 @pytest.mark.parametrize("target_name", ["x86-64-v4-amx", "x86-64-v3"])
