@@ -12,8 +12,12 @@ the next conv2d's uint8 input), a ``parallel`` loop of its own over the flattene
   4.3 us on one thread and 3.8 / 5.3 us on two.
 
 This pass moves the epilogue under the conv2d's outermost ``parallel`` loop (``reverse_compute_at``): each thread
-finishes the tiles it computed while they are in its cache. The epilogue's own loops there are fused into one loop
-(unrolled up to 16 steps) around its innermost loop, vectorized: one vector of output channels. The values are the
+finishes the tiles it computed while they are in its cache. There the epilogue's own loops stay nested: the innermost,
+vectorized, is one vector of output channels, and the one around it (the tile's pixels along a row) is unrolled when
+it has at most :data:`UNROLL` steps, so each load and store of a row is at a constant offset. (Sessions 21-24 fused
+them into one loop unrolled up to 16 steps: ~20 scalar instructions a vector for the indices. Nested was faster per
+kernel but slower in the model while every kernel call was a copy of its code in the launch; with one function per
+kernel, :mod:`passes.outline_launch`, it is faster there too: ``benchmarks/outline_launch.md``.) The values are the
 same (the same expressions, element by element). It runs after every record is applied and before
 :mod:`passes.fuse_pad` (which finds the epilogue's store to the next conv's padded input either way).
 
@@ -31,7 +35,7 @@ from passes.patterns import is_scheduled, scheduled_like, with_functions
 
 __all__ = ["ComputeEpilogueAtConv2d", "epilogue_at_conv2d", "UNROLL"]
 
-UNROLL = 16  # pragma_auto_unroll_max_step on the epilogue's fused loop
+UNROLL = 32  # the most steps of the epilogue's pixel loop that are unrolled
 
 
 def _conv2d_update(sch):
@@ -44,9 +48,15 @@ def _conv2d_update(sch):
         return None
 
 
-def epilogue_at_conv2d(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+def _extent(sch, loop) -> int:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else UNROLL + 1
+
+
+def epilogue_at_conv2d(func: tirx.PrimFunc, fuse: bool = False) -> tirx.PrimFunc | None:
     """``func`` (a scheduled packed int8 conv2d kernel) with its epilogue under the conv2d's outermost parallel loop;
-    None where ``func`` is not such a kernel or the move is not valid (the schedule checks it)."""
+    None where ``func`` is not such a kernel or the move is not valid (the schedule checks it). ``fuse``: the
+    epilogue's loops fused into one unrolled up to 16 steps, as sessions 21-24 built it (for the benchmark)."""
     if not isinstance(func, tirx.PrimFunc) or not is_scheduled(func):
         return None
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
@@ -62,10 +72,12 @@ def epilogue_at_conv2d(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         sch.reverse_compute_at(epilogue, loops[0], preserve_unit_loops=True)
         own = sch.get_loops(epilogue)[1:]  # under the conv2d's parallel loop
         sch.vectorize(own[-1])
-        if len(own) > 2:
+        if fuse and len(own) > 2:
             fused = sch.fuse(*own[:-1])
-            sch.annotate(fused, "pragma_auto_unroll_max_step", UNROLL)
+            sch.annotate(fused, "pragma_auto_unroll_max_step", 16)
             sch.annotate(fused, "pragma_unroll_explicit", 1)
+        elif not fuse and len(own) > 1 and _extent(sch, own[-2]) <= UNROLL:
+            sch.unroll(own[-2])
     except s_tir.ScheduleError:
         return None
     return scheduled_like(sch.mod["main"], func)
@@ -75,6 +87,9 @@ def epilogue_at_conv2d(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 class ComputeEpilogueAtConv2d:
     """:func:`epilogue_at_conv2d` on every PrimFunc of the module it applies to (the others are left as they are)."""
 
+    def __init__(self, fuse: bool = False):
+        self.fuse = fuse
+
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        moved = {gv: epilogue_at_conv2d(func) for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+        moved = {gv: epilogue_at_conv2d(func, self.fuse) for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
         return with_functions(mod, {gv: func for gv, func in moved.items() if func is not None})

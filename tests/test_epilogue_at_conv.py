@@ -23,6 +23,7 @@ def _conv_kernels() -> dict:
 def test_every_tuned_conv2d_gets_its_epilogue_under_the_parallel_loop():
     kernels = _conv_kernels()
     assert len(kernels) >= 15, sorted(kernels)
+    unrolled = []
     for name, func in kernels.items():
         moved = epilogue_at_conv2d(func)
         assert moved is not None, name
@@ -33,9 +34,13 @@ def test_every_tuned_conv2d_gets_its_epilogue_under_the_parallel_loop():
         assert outer.kind == tirx.ForKind.PARALLEL
         assert sch.get(sch.get_loops(epilogue)[0]).same_as(outer), name  # the same loop: computed tile by tile
         assert sch.get(sch.get_loops(epilogue)[-1]).kind == tirx.ForKind.VECTORIZED, name
+        # nested, not fused: the loop around the vector (a row's pixels, at most UNROLL of them) is unrolled
+        pixels = sch.get(sch.get_loops(epilogue)[-2])
+        unrolled.append(pixels.kind == tirx.ForKind.UNROLLED)
         # the kernel's root holds one loop nest now, not two
         assert [type(s) for s in _statements(moved.body.block.body)].count(tirx.For) == 1, name
         assert [type(s) for s in _statements(func.body.block.body)].count(tirx.For) == 2, name
+    assert sum(unrolled) >= len(kernels) - 2, unrolled  # all but kernels whose rows pass UNROLL pixels
 
 
 def test_kernels_that_are_not_tuned_conv2d_are_left_alone():
