@@ -113,9 +113,20 @@ def tile_unit(target) -> list[dict]:
     return rows
 
 
-def _instrumented(func):
+def _callees(stmt) -> list:
+    import tvm
+    import tvm_ffi
+
+    found = []
+    tvm_ffi.structural_walk(stmt, [(tvm.ir.Call, lambda c: found.append(c.op)
+                                    if isinstance(c.op, tvm.ir.GlobalVar) else None)])
+    return found
+
+
+def _instrumented(func, called=None):
     """``func`` (a MergeParallelLaunches PrimFunc) with every top-level launch statement bracketed by a cycle-counter
-    read on each of 2 threads, into an extra int64 (2, 2 * parts + 1) output; and a label per part."""
+    read on each of 2 threads, into an extra int64 (2, 2 * parts + 1) output; and a label per part. ``called``:
+    {GlobalVar: PrimFunc} of the functions its loops call (passes/outline_launch.py), whose blocks label a part."""
     import tvm_ffi
     from tvm import tirx
     from tvm.s_tir import SBlock, SBlockRealize
@@ -140,6 +151,8 @@ def _instrumented(func):
         blocks, stores = [], []
         tvm_ffi.structural_walk(stmt, [(SBlock, lambda b: blocks.append(b.name_hint)),
                                        (tirx.BufferStore, lambda s: stores.append(s.buffer.name))])
+        for callee in _callees(stmt):
+            tvm_ffi.structural_walk((called or {})[callee].body, [(SBlock, lambda b: blocks.append(b.name_hint))])
         if any("amx" in b for b in blocks):
             return "AMX conv2d"
         if isinstance(stmt, tirx.For) and stmt.loop_var.name == "serial_part":
@@ -197,10 +210,15 @@ def model_trace(split: int | None, show_parts: bool) -> dict:
         passes = [amx.ScheduleAmxConv2d(2, split) if split is not None and isinstance(p, amx.ScheduleAmxConv2d) else p
                   for p in pipeline.kernel_passes(target, db)]
         mod = tvm.transform.Sequential(passes)(lowered.module)
-    func = next(f for gv, f in mod.functions_items() if gv.name_hint.startswith("fused_launch"))
-    func, labels = _instrumented(func)
+    from passes.outline_launch import OUTLINED
+
+    func = next(f for gv, f in mod.functions_items() if gv.name_hint == "fused_launch")
+    # the functions the launch's loops call (passes/outline_launch.py), compiled with it
+    called = {gv: f for gv, f in mod.functions_items()
+              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and OUTLINED in f.attrs}
+    func, labels = _instrumented(func, called)
     with tvm.transform.PassContext(opt_level=3):
-        lib = tvm.compile(func, target=target)
+        lib = tvm.compile(tvm.IRModule({tvm.ir.GlobalVar("main"): func, **called}), target=target)
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
     args = []
