@@ -20,7 +20,8 @@ from benchmarks.build_variants import main_step_on_off  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return main_step_on_off(__doc__, "_round_by_conversion", "vcvtps2dq and packs (default)", "round, clip, convert", argv)
+    return main_step_on_off(__doc__, "_round_by_conversion", "vcvtps2dq and packs (default)", "round, clip, convert",
+                            argv)
 
 
 if __name__ == "__main__":

@@ -91,5 +91,6 @@ class ComputeEpilogueAtConv2d:
         self.fuse = fuse
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        moved = {gv: epilogue_at_conv2d(func, self.fuse) for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+        moved = {gv: epilogue_at_conv2d(func, self.fuse) for gv, func in mod.functions_items()
+                 if isinstance(func, tirx.PrimFunc)}
         return with_functions(mod, {gv: func for gv, func in moved.items() if func is not None})

@@ -32,10 +32,12 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from passes.parallel_launch import LAUNCH_POINT
+from passes.patterns import with_functions
+
 __all__ = ["OutlineLaunchLoops", "KeepLoopsInternal", "outline_launch", "OUTLINED", "STACK_BYTES"]
 
 OUTLINED = "outlined_launch_loop"  # the attribute marking a function this pass made of a loop body
-LAUNCH = "pragma_parallel_launch_point"
 STACK_BYTES = 1024  # LowerTVMBuiltin puts a "global" buffer under this many bytes on the stack (kMaxStackAlloca)
 
 
@@ -64,7 +66,7 @@ def _on_stack(stmt):
 
     renamed, too_large = {}, []
 
-    def moved(buf):
+    def stacked(buf):
         size = _bytes(buf)
         if size is None or size >= STACK_BYTES:
             too_large.append(buf)
@@ -76,10 +78,10 @@ def _on_stack(stmt):
     def block(b):
         if not b.alloc_buffers:
             return b
-        return SBlock(b.iter_vars, b.reads, b.writes, b.name_hint, b.body, b.init, [moved(x) for x in b.alloc_buffers],
-                      b.match_buffers, b.annotations)
+        return SBlock(b.iter_vars, b.reads, b.writes, b.name_hint, b.body, b.init,
+                      [stacked(x) for x in b.alloc_buffers], b.match_buffers, b.annotations)
 
-    stmt = tvm_ffi.structural_map(stmt, [(SBlock, block), (tirx.AllocBuffer, lambda a: tirx.AllocBuffer(moved(
+    stmt = tvm_ffi.structural_map(stmt, [(SBlock, block), (tirx.AllocBuffer, lambda a: tirx.AllocBuffer(stacked(
         a.buffer)))], order="post")
     if too_large:
         return None
@@ -167,7 +169,7 @@ def outline_launch(func: tirx.PrimFunc, functions: list, name: str) -> tirx.Prim
         return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, call, None, loop.annotations)
 
     def launch(attr):
-        if attr.attr_key != LAUNCH:
+        if attr.attr_key != LAUNCH_POINT:
             return attr
         body = tvm_ffi.structural_map(attr.body, [(tirx.For, visit)], order="pre")
         return tirx.AttrStmt(attr.node, attr.attr_key, attr.value, body)
@@ -178,15 +180,9 @@ def outline_launch(func: tirx.PrimFunc, functions: list, name: str) -> tirx.Prim
 
 def _has_launch(func: tirx.PrimFunc) -> bool:
     found = []
-    tvm_ffi.structural_walk(func.body, [(tirx.AttrStmt, lambda a: found.append(a) if a.attr_key == LAUNCH else None)])
+    tvm_ffi.structural_walk(func.body, [(tirx.AttrStmt, lambda a: found.append(a)
+                                         if a.attr_key == LAUNCH_POINT else None)])
     return bool(found)
-
-
-def _with(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
-    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs, global_infos=mod.global_infos)
-    for gv, func in updates.items():
-        out[gv] = func
-    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="OutlineLaunchLoops")
@@ -202,7 +198,7 @@ class OutlineLaunchLoops:
                 if new is not None:
                     updates[gv] = new
         updates.update(functions)
-        return _with(mod, updates) if updates else mod
+        return with_functions(mod, updates)
 
 
 @tvm.transform.module_pass(opt_level=0, name="KeepLoopsInternal")
@@ -213,4 +209,4 @@ class KeepLoopsInternal:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {gv: f.without_attr("global_symbol") for gv, f in mod.functions_items()
                    if isinstance(f, tirx.PrimFunc) and f.attrs is not None and OUTLINED in f.attrs}
-        return _with(mod, updates) if updates else mod
+        return with_functions(mod, updates)

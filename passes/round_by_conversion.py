@@ -10,8 +10,9 @@ with anyway. On the AVX2 kernels of the shipped model that is two uops fewer on 
 outputs, and one ``vextracti128`` fewer (``benchmarks/round_by_conversion.md``).
 
 It runs after the kernels are scheduled (after their records apply, so every record still matches its kernel; a
-kernel keeps its attributes, so one that was not scheduled is not marked scheduled) and rewrites every such ``Cast`` whose clip bounds are the cast type's own range or inside it, in either order of ``min`` and
-``max``. The result is the same byte for every input but NaN.
+kernel keeps its attributes, so one that was not scheduled is not marked scheduled) and rewrites every such ``Cast``
+whose clip bounds are the cast type's own range or inside it, in either order of ``min`` and ``max``. The result is
+the same byte for every input but NaN.
 """
 
 from __future__ import annotations

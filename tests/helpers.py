@@ -203,3 +203,18 @@ def shipped_lowered(target_name: str, precision: str, outline: bool = True):
             return relax_pipeline(spec, tdb.combine(database, library))(lowered.module)
     finally:
         pipeline._outline_launches = step
+
+
+def elementwise_kernel(fn, arity: int, shape, parallel: bool = True):
+    """An elementwise float32 kernel of ``arity`` inputs of ``shape``, scheduled (marked so): its rows on the thread
+    pool, or serial; its columns vectorized by 16."""
+    from tvm import s_tir, te
+
+    ins = [te.placeholder(shape, "float32", name=f"a{i}") for i in range(arity)]
+    out = te.compute(shape, lambda i, j: fn(*[a[i, j] for a in ins]), name="out")
+    sch = s_tir.Schedule(te.create_prim_func(ins + [out]))
+    i, j = sch.get_loops(sch.get_sblock("out"))
+    sch.vectorize(sch.split(j, [None, 16])[1])
+    if parallel:
+        sch.parallel(i)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)

@@ -8,31 +8,21 @@ import re
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, s_tir, te, tirx
+from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from compiler import threads
-from helpers import shipped_lowered, skip_unless_this_cpu_runs
+from helpers import elementwise_kernel, shipped_lowered, skip_unless_this_cpu_runs
 from passes.outline_launch import OUTLINED, KeepLoopsInternal, OutlineLaunchLoops, outline_launch
 from passes.parallel_launch import MergeParallelLaunches
 
 SHAPE = (64, 64)
 
 
-def _kernel(fn, arity: int) -> tirx.PrimFunc:
-    """An elementwise float32 kernel of ``arity`` inputs, its rows on the thread pool."""
-    ins = [te.placeholder(SHAPE, "float32", name=f"a{i}") for i in range(arity)]
-    out = te.compute(SHAPE, lambda i, j: fn(*[a[i, j] for a in ins]), name="out")
-    sch = s_tir.Schedule(te.create_prim_func(ins + [out]))
-    i, j = sch.get_loops(sch.get_sblock("out"))
-    sch.vectorize(sch.split(j, [None, 16])[1])
-    sch.parallel(i)
-    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
-
-
 def _chain() -> tvm.IRModule:
     """main(x) = (2 * (2x) + x) * 2: the doubling kernel three times, an add once."""
-    double, add = _kernel(lambda a: a * 2.0, 1), _kernel(lambda a, b: a + b, 2)
+    double = elementwise_kernel(lambda a: a * 2.0, 1, SHAPE)
+    add = elementwise_kernel(lambda a, b: a + b, 2, SHAPE)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(list(SHAPE), "float32"))
     ty = relax.TensorType(list(SHAPE), "float32")

@@ -9,6 +9,7 @@ import tvm
 from tvm import relax, s_tir, te, tirx
 
 from compiler import threads
+from helpers import elementwise_kernel
 from passes.parallel_launch import BARRIER, LAUNCH_POINT, MergeParallelLaunches, launchable
 from passes.patterns import call_tir_parts
 
@@ -17,14 +18,7 @@ SHAPE = (64, 64)
 
 def _kernel(fn, arity: int, parallel: bool) -> tirx.PrimFunc:
     """An elementwise float32 kernel of ``arity`` inputs, scheduled: rows on the thread pool or serial."""
-    ins = [te.placeholder(SHAPE, "float32", name=f"a{i}") for i in range(arity)]
-    out = te.compute(SHAPE, lambda i, j: fn(*[a[i, j] for a in ins]), name="out")
-    sch = s_tir.Schedule(te.create_prim_func(ins + [out]))
-    i, j = sch.get_loops(sch.get_sblock("out"))
-    sch.vectorize(sch.split(j, [None, 16])[1])
-    if parallel:
-        sch.parallel(i)
-    return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+    return elementwise_kernel(fn, arity, SHAPE, parallel)
 
 
 def _module(chain) -> tvm.IRModule:

@@ -102,7 +102,8 @@ def test_the_same_bytes_for_ties_and_out_of_range_values():
     values = np.concatenate([ties, edges, np.random.default_rng(0).uniform(-300, 600, 4096)]).astype("float32")
     values = np.resize(values, (len(values) + 63) // 64 * 64).reshape(-1, 64)
     scale = tvm.runtime.tensor(np.array([1.0], "float32"))
-    libs = [tvm.compile(f.with_attr("global_symbol", "k"), target="llvm") for f in (round_by_conversion(before), before)]
+    libs = [tvm.compile(f.with_attr("global_symbol", "k"), target="llvm")
+            for f in (round_by_conversion(before), before)]
     for row in values:
         outs = []
         for lib in libs:
