@@ -8,7 +8,8 @@ AVX2 Zen 3 the 10 calls of the first repack (16 channels, 32 x 32) took 12.7 us 
 against 3.3 us with this one, and the layout kernels were ~17 % of the pruned ResNet56's int8 latency. The
 schedule is the one every injective kernel wants: producers inlined into the one output block, the innermost
 axis vectorized (the channel block: 8 or 16 lanes), the rest fused and parallel only where the kernel is large
-enough for a second thread to pay for waking it (:data:`PARALLEL_MIN_ELEMENTS`).
+enough for a second thread to pay for waking it (:data:`PARALLEL_MIN_ELEMENTS`; inside one thread-pool launch,
+where the threads are awake, :data:`LAUNCH_PARALLEL_MIN_ELEMENTS`: :func:`targets.pipeline.legalize_passes`).
 
 The pass runs after FuseTIR (:func:`targets.pipeline.legalize_passes`) and marks each kernel it scheduled
 ``tirx.is_scheduled``: MetaScheduleApplyDatabase leaves them alone, and ``tune`` does not extract them. The
@@ -23,11 +24,19 @@ from tvm import tirx
 from passes import vnni
 from passes.patterns import is_scheduled, with_functions
 
-__all__ = ["ScheduleLayoutKernels", "is_layout_kernel", "schedule_injective", "PARALLEL_MIN_ELEMENTS"]
+__all__ = ["ScheduleLayoutKernels", "is_layout_kernel", "schedule_injective", "PARALLEL_MIN_ELEMENTS",
+           "LAUNCH_PARALLEL_MIN_ELEMENTS"]
 
 # below this many output elements a kernel runs on one thread: measured on a 2-core Zen 3 (time_evaluator, hot),
 # a 64 x 8 x 8 repack took 1.0 us serial and 2.5 us parallel on 2 threads; a 16 x 34 x 34 one 3.3 us and 2.8 us
 PARALLEL_MIN_ELEMENTS = 16384
+# the same for kernels that run inside one thread-pool launch (passes.parallel_launch: every x86 int8 target), where
+# a parallel loop costs a barrier (~0.2 us), not waking the pool; a serial kernel there also runs on the first thread
+# only, so the next kernel's other thread reads all of its output from the first core's cache. Shipped model,
+# x86-64-v3, 2 threads, traced per kernel (benchmarks/layout_in_launch.md): the 4 x 16 x 16 x 8 shortcut pack
+# 2.0 -> 1.0 us and the conv2d reading it 7.1 -> 4.8 us, a 2 x 18 x 18 x 16 repack 2.6 -> 1.0 us; the 4,096-element
+# ones were slower parallel (0.4 -> 0.9 us)
+LAUNCH_PARALLEL_MIN_ELEMENTS = 8192
 _LAYOUT_NAMES = (vnni.REPACK_NAME, vnni.FLOAT_PACK_NAME, vnni.UNPACK_NAME, vnni.PAD_NAME)
 _VECTOR_LANES = (8, 4)  # 8: the channel block every packed tensor has (ob 8 or 16), so loads stay contiguous
 

@@ -51,7 +51,7 @@ def legalize_passes(target) -> list:
     if target.kind.name == "llvm":  # the packed int8 layout kernels get a fixed schedule, not tuning trials
         from passes.schedule_layout import ScheduleLayoutKernels
 
-        fixed = [ScheduleLayoutKernels()]
+        fixed = [ScheduleLayoutKernels(_layout_parallel_min(target))]
         from passes import amx
 
         if amx.is_amx_target(target):  # the packed conv2d kernels on AMX tiles: a fixed schedule as well
@@ -83,6 +83,16 @@ def kernel_passes(target, database=None) -> list:
         [_cpu_fallback()] + _rows_first(target) + _epilogues(target) + _fuse_pads(target) + _inverse_scale(target)
         + _round_by_conversion(target) + _merge_launches(target) + _outline_launches(target))
     return legalize_passes(target) + tuned + schedule
+
+
+def _layout_parallel_min(target) -> int:
+    """The output size from which a layout kernel runs parallel (:mod:`passes.schedule_layout`): on the targets whose
+    int8 kernels run in one thread-pool launch (:func:`_merge_launches`) a parallel loop costs a barrier, not waking
+    the pool, so the smaller threshold."""
+    from passes import schedule_layout
+
+    return (schedule_layout.LAUNCH_PARALLEL_MIN_ELEMENTS if _merge_launches(target)
+            else schedule_layout.PARALLEL_MIN_ELEMENTS)
 
 
 def _stages(backend: str):

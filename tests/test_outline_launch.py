@@ -133,6 +133,38 @@ def test_the_shipped_avx2_launch_calls_a_function_per_kernel(shipped_v3):
     assert sum(annotated) >= 50, annotated  # the tuned conv2d kernels' loops
 
 
+def test_the_shipped_avx2_launch_runs_no_large_layout_kernel_on_one_thread(shipped_v3):
+    """The statements the launch runs on its first thread only (``serial_part``) store into small buffers alone: the
+    shortcut pack of 8,192 elements and the 10,368-element repack are parallel loops (passes/schedule_layout.py,
+    LAUNCH_PARALLEL_MIN_ELEMENTS). (Regression: run on the first thread, the next conv2d's second thread read all
+    of the pack from the first core's cache: 7.1 us against 4.8 in the trace.)"""
+    import math
+
+    import tvm_ffi
+
+    from passes.parallel_launch import BORDER_ANNOTATION
+
+    def sizes(stmt, into):
+        tvm_ffi.structural_walk(stmt, [(tirx.BufferStore, lambda s: into.append(
+            (s.buffer.name, math.prod(int(d) for d in s.buffer.shape))))])
+
+    serial = []  # what the first thread stores, but the zero borders of padded buffers (passes/fuse_pad.py)
+
+    def visit(loop):
+        if loop.kind == tirx.ForKind.PARALLEL and loop.loop_var.name == "serial_part":
+            sizes(tvm_ffi.structural_map(loop.body, [(tirx.For, lambda n: tirx.Evaluate(0) if BORDER_ANNOTATION in (
+                n.annotations or {}) else n)], order="post"), serial)
+
+    tvm_ffi.structural_walk(shipped_v3["fused_launch"].body, [(tirx.For, visit)])
+    assert serial and max(n for _, n in serial) <= 4096, sorted(set(serial))  # 8,192 and 10,368 are not there
+    functions = [f for f in shipped_v3.functions.values() if isinstance(f, tirx.PrimFunc) and f.attrs is not None
+                 and OUTLINED in f.attrs]
+    packs = []
+    for f in functions:
+        sizes(f.body, packs)
+    assert any("pack_float" in name and n == 8192 for name, n in packs), sorted(set(packs))
+
+
 def test_the_shipped_avx2_module_computes_the_same_outlined():
     """Built as build builds it, with the loops outlined and without: the same logits bit for bit, at 1 and 2
     threads (the same statements, in the same order)."""

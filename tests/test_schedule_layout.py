@@ -116,3 +116,21 @@ def test_tune_extracts_no_layout_kernel():
     names = [t.task_name for t in tasks]
     assert any(vnni.CONV_NAME in n for n in names), names
     assert not any(k in n for n in names for k in (vnni.REPACK_NAME, vnni.FLOAT_PACK_NAME, vnni.UNPACK_NAME)), names
+
+
+def test_inside_one_launch_layout_kernels_go_parallel_from_fewer_elements():
+    """The x86 int8 targets merge their kernels into one thread-pool launch (passes.parallel_launch), where a parallel
+    loop costs a barrier instead of waking the pool: their layout kernels go parallel from
+    LAUNCH_PARALLEL_MIN_ELEMENTS; a target that merges nothing keeps PARALLEL_MIN_ELEMENTS. The shipped model's
+    stage-2 shortcut pack (4 x 16 x 16 x 8 = 8,192 elements) is between the two."""
+    from passes import schedule_layout
+    from targets import pipeline
+
+    launch, alone = schedule_layout.LAUNCH_PARALLEL_MIN_ELEMENTS, schedule_layout.PARALLEL_MIN_ELEMENTS
+    assert launch <= 4 * 16 * 16 * 8 < alone
+    for name in ("x86-64-v3", "x86-64-v4-vnni"):
+        assert pipeline._layout_parallel_min(pipeline.compile_target(targets.get(name))) == launch, name
+    assert pipeline._layout_parallel_min(TARGET) == alone  # generic x86-64: no int8 kernels, nothing merged
+    func, _, _ = _repack(32, 16, 8, 8, 0)  # 32 channels at 16 x 16: 8,192 output elements
+    assert "T.parallel" in schedule_injective(func, launch).script()
+    assert "T.parallel" not in schedule_injective(func, alone).script()
