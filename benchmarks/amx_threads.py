@@ -185,13 +185,55 @@ def _instrumented(func, called=None):
         "global_symbol", "main"), labels
 
 
-def model_trace(split: int | None, show_parts: bool) -> dict:
+def time_parts(func, called: dict, target, n: int, runs: int, warm: int):
+    """Compile ``func`` (from :func:`_instrumented`, ``n`` parts) with the functions it calls, run it ``runs`` times
+    at 1 and at 2 threads on random inputs and return, in microseconds (medians over the runs after ``warm``): each
+    part at one thread, each thread's own work per part at two (shape (2, n)), each part's span at two (start to the
+    next part: barrier waits included), the whole launch per thread count, and the counter's ticks per us."""
     import time
 
     import tvm
 
+    from compiler import threads
+
+    with tvm.transform.PassContext(opt_level=3):
+        lib = tvm.compile(tvm.IRModule({tvm.ir.GlobalVar("main"): func, **called}), target=target)
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    args = []
+    for param in func.params:
+        shape, dtype = [int(s) for s in param.shape], str(param.dtype)
+        values = rng.integers(0, 5, shape) if "int" in dtype else rng.random(shape)
+        args.append(tvm.runtime.tensor(values.astype(dtype), dev))
+    # cycle counter -> microseconds: the counter against the wall clock over one run of calls
+    per_us = {}
+    stamps = {}
+    for n_threads in (1, 2):
+        threads.set_tvm(n_threads)
+        kept = []
+        t0, c0 = time.perf_counter(), None
+        for i in range(runs):
+            lib["main"](*args)
+            if i == warm - 1:
+                t0 = time.perf_counter()
+                c0 = int(args[-1].numpy()[0, 0])
+            if i >= warm:
+                kept.append(args[-1].numpy().copy())
+        per_us[n_threads] = (int(kept[-1][0, 0]) - c0) / ((time.perf_counter() - t0) * 1e6)
+        stamps[n_threads] = np.array(kept, dtype=np.float64)
+    rate = float(np.median(list(per_us.values())))  # counter ticks per microsecond
+    one = np.median(stamps[1][:, 0, 1:2 * n:2] - stamps[1][:, 0, 0:2 * n:2], axis=0) / rate
+    work2 = np.median(stamps[2][:, :, 1:2 * n:2] - stamps[2][:, :, 0:2 * n:2], axis=0) / rate  # (2, parts)
+    span2 = np.median(stamps[2][:, :, 2:2 * n + 1:2] - stamps[2][:, :, 0:2 * n:2], axis=0) / rate
+    total = {t: float(np.median(stamps[t][:, 0, 2 * n] - stamps[t][:, 0, 0]) / rate) for t in (1, 2)}
+    return one, work2, span2, total, rate
+
+
+def model_trace(split: int | None, show_parts: bool) -> dict:
+    import tvm
+
     import targets
-    from compiler import threads, zoo
+    from compiler import zoo
     from compiler.build import lower
     from compiler.tuning import database as tdb
     from compiler.tuning.tvm_compat import register_tensor_intrinsics
@@ -217,37 +259,8 @@ def model_trace(split: int | None, show_parts: bool) -> dict:
     called = {gv: f for gv, f in mod.functions_items()
               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and OUTLINED in f.attrs}
     func, labels = _instrumented(func, called)
-    with tvm.transform.PassContext(opt_level=3):
-        lib = tvm.compile(tvm.IRModule({tvm.ir.GlobalVar("main"): func, **called}), target=target)
-    dev = tvm.cpu()
-    rng = np.random.default_rng(0)
-    args = []
-    for param in func.params:
-        shape, dtype = [int(s) for s in param.shape], str(param.dtype)
-        values = rng.integers(0, 5, shape) if "int" in dtype else rng.random(shape)
-        args.append(tvm.runtime.tensor(values.astype(dtype), dev))
-    # cycle counter -> microseconds: the counter against the wall clock over one run of calls
-    per_us = {}
-    stamps = {}
-    for n_threads in (1, 2):
-        threads.set_tvm(n_threads)
-        runs = []
-        t0, c0 = time.perf_counter(), None
-        for i in range(400):
-            lib["main"](*args)
-            if i == 99:
-                t0 = time.perf_counter()
-                c0 = int(args[-1].numpy()[0, 0])
-            if i >= 100:
-                runs.append(args[-1].numpy().copy())
-        per_us[n_threads] = (int(runs[-1][0, 0]) - c0) / ((time.perf_counter() - t0) * 1e6)
-        stamps[n_threads] = np.array(runs, dtype=np.float64)
-    rate = float(np.median(list(per_us.values())))  # counter ticks per microsecond
+    one, work2, span2, total, rate = time_parts(func, called, target, len(labels), runs=400, warm=100)
     n = len(labels)
-    one = np.median(stamps[1][:, 0, 1:2 * n:2] - stamps[1][:, 0, 0:2 * n:2], axis=0) / rate
-    work2 = np.median(stamps[2][:, :, 1:2 * n:2] - stamps[2][:, :, 0:2 * n:2], axis=0) / rate  # (2, parts)
-    span2 = np.median(stamps[2][:, :, 2:2 * n + 1:2] - stamps[2][:, :, 0:2 * n:2], axis=0) / rate
-    total = {t: float(np.median(stamps[t][:, 0, 2 * n] - stamps[t][:, 0, 0]) / rate) for t in (1, 2)}
     kinds = {}
     for j, kind in enumerate(labels):
         k = kinds.setdefault(kind, {"parts": 0, "one_thread_us": 0.0, "slower_thread_work_us": 0.0, "span_us": 0.0})

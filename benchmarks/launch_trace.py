@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,10 +56,9 @@ def _lowered_launch(target_name: str):
 def _twice(func):
     """``func`` with every barrier-wrapped parallel loop of its launch run twice (the copy with a fresh loop var)."""
     import tvm_ffi
+    from amx_threads import BARRIER, LAUNCH
     from tvm import tirx
     from tvm.s_tir import SBlock, SBlockRealize
-
-    from amx_threads import BARRIER, LAUNCH
 
     root = func.body.block
     stmts = list(root.body.seq)
@@ -73,7 +69,8 @@ def _twice(func):
         if isinstance(p, tirx.AttrStmt) and p.attr_key == BARRIER and isinstance(p.body, tirx.For):
             loop = p.body
             var = tirx.Var(loop.loop_var.name + "_again", loop.loop_var.ty.dtype)
-            body = tvm_ffi.structural_map(loop.body, [(tirx.Var, lambda v: var if v.same_as(loop.loop_var) else v)])
+            body = tvm_ffi.structural_map(loop.body, [(tirx.Var, lambda v, var=var, old=loop.loop_var:
+                                                        var if v.same_as(old) else v)])
             parts.append(tirx.AttrStmt(p.node, p.attr_key, p.value,
                                        tirx.For(var, loop.min, loop.extent, loop.kind, body, None, loop.annotations)))
     stmts[at] = tirx.AttrStmt(stmts[at].node, stmts[at].attr_key, stmts[at].value, tirx.SeqStmt(parts))
@@ -83,9 +80,8 @@ def _twice(func):
 
 def _describe(func) -> list[str]:
     """Per launch statement (DeclBuffers skipped, as the instrumentation does): "extent callee"."""
-    from tvm import tirx
-
     from amx_threads import BARRIER, LAUNCH, _callees
+    from tvm import tirx
 
     root = func.body.block
     launch = next(s for s in root.body.seq if isinstance(s, tirx.AttrStmt) and s.attr_key == LAUNCH)
@@ -102,44 +98,15 @@ def _describe(func) -> list[str]:
 
 
 def trace(target_name: str, twice: bool, runs: int) -> dict:
-    import tvm
-
-    from amx_threads import _instrumented
-    from compiler import threads
+    from amx_threads import _instrumented, time_parts
 
     func, called, target = _lowered_launch(target_name)
     if twice:
         func = _twice(func)
     described = _describe(func)
     func, labels = _instrumented(func, called)
-    with tvm.transform.PassContext(opt_level=3):
-        lib = tvm.compile(tvm.IRModule({tvm.ir.GlobalVar("main"): func, **called}), target=target)
-    dev = tvm.cpu()
-    rng = np.random.default_rng(0)
-    args = []
-    for param in func.params:
-        shape, dtype = [int(s) for s in param.shape], str(param.dtype)
-        values = rng.integers(0, 5, shape) if "int" in dtype else rng.random(shape)
-        args.append(tvm.runtime.tensor(values.astype(dtype), dev))
-    warm = runs // 5
-    per_us, stamps = {}, {}
-    for n_threads in (1, 2):
-        threads.set_tvm(n_threads)
-        kept = []
-        for i in range(runs):
-            lib["main"](*args)
-            if i == warm - 1:
-                t0, c0 = time.perf_counter(), int(args[-1].numpy()[0, 0])
-            if i >= warm:
-                kept.append(args[-1].numpy().copy())
-        per_us[n_threads] = (int(kept[-1][0, 0]) - c0) / ((time.perf_counter() - t0) * 1e6)
-        stamps[n_threads] = np.array(kept, dtype=np.float64)
-    rate = float(np.median(list(per_us.values())))  # counter ticks per microsecond
     n = len(labels)
-    one = np.median(stamps[1][:, 0, 1:2 * n:2] - stamps[1][:, 0, 0:2 * n:2], axis=0) / rate
-    work = np.median(stamps[2][:, :, 1:2 * n:2] - stamps[2][:, :, 0:2 * n:2], axis=0) / rate
-    span = np.median(stamps[2][:, :, 2:2 * n + 1:2] - stamps[2][:, :, 0:2 * n:2], axis=0) / rate
-    total = {t: float(np.median(stamps[t][:, 0, 2 * n] - stamps[t][:, 0, 0]) / rate) for t in (1, 2)}
+    one, work, span, total, _ = time_parts(func, called, target, n, runs=runs, warm=runs // 5)
     parts = [{"label": labels[j], "kernel": described[j], "one_thread_us": float(one[j]),
               "work_us": [float(work[0, j]), float(work[1, j])], "span_us": float(span[:, j].max())}
              for j in range(n)]
